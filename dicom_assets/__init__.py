@@ -1,0 +1,1 @@
+"""dicom_assets: a Dagster asset graph that pulls DICOM cohorts out of a PACS."""

@@ -1,0 +1,220 @@
+"""The project's one configuration file: loading, `${VAR}` substitution and validation.
+
+Every error names the offending key (``pacs.port``) and what is wrong with it, because the
+person reading it is usually setting the project up for the first time.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CONFIG_ENV_VAR = "DICOM_ASSETS_CONFIG"
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or invalid; the message says where."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError("must be 1-16 printable ASCII characters without backslash")
+    return value
+
+
+class PacsSettings(_Section):
+    host: str
+    port: int = Field(ge=1, le=65535)
+    called_ae_title: str
+    calling_ae_title: str = "DICOM_ASSETS"
+    retrieve_method: Literal["c-move", "c-get"] = "c-move"
+    max_requests_per_minute: int = Field(700, ge=1)
+    max_concurrent_associations: int = Field(2, ge=1, le=32)
+    timeout_s: float = Field(30.0, gt=0)
+    straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
+    max_find_results: int = Field(0, ge=0, description="0 = the PACS has no result cap")
+
+    _ae = field_validator("called_ae_title", "calling_ae_title")(_check_ae_title)
+
+
+class ReceiverSettings(_Section):
+    ae_title: str = "DICOM_ASSETS"
+    bind_address: str = "127.0.0.1"
+    port: int = Field(11113, ge=0, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+
+class SelectionSettings(_Section):
+    patient_id_regex: str | None = None
+    function: str | None = None
+
+    @field_validator("patient_id_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as exc:
+                raise ValueError(f"is not a valid regular expression: {exc}") from exc
+        return value
+
+    @field_validator("function")
+    @classmethod
+    def _function_shape(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^[\w.]+:[\w.]+$", value):
+            raise ValueError('must look like "package.module:callable"')
+        return value
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> "SelectionSettings":
+        if self.patient_id_regex is not None and self.function is not None:
+            raise ValueError("set either patient_id_regex or function, not both")
+        return self
+
+
+class PathSettings(_Section):
+    download_dir: Path
+    archive_dir: Path
+    report_dir: Path
+
+
+class ArchiveSettings(_Section):
+    delimiter: str = "__seriesCount"
+    keep_superseded: bool = False
+    compression_level: int = Field(6, ge=0, le=9)
+
+    @field_validator("delimiter")
+    @classmethod
+    def _safe_delimiter(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_\-]{1,32}$", value) or not re.search(r"\D$", value):
+            raise ValueError("must be 1-32 of A-Z a-z 0-9 _ - and not end in a digit")
+        return value
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///dicom_assets.sqlite"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if not re.match(r"^(postgresql(\+\w+)?|sqlite)://", value):
+            raise ValueError("must start with postgresql:// or sqlite:///")
+        return value
+
+
+class Settings(_Section):
+    pacs: PacsSettings
+    receiver: ReceiverSettings = ReceiverSettings()
+    selection: SelectionSettings = SelectionSettings()
+    paths: PathSettings
+    archive: ArchiveSettings = ArchiveSettings()
+    database: DatabaseSettings = DatabaseSettings()
+
+
+def _substitute_env(value: Any, where: str) -> Any:
+    """Replace ``${VAR}`` in every string of the parsed YAML; a missing variable is an error."""
+    if isinstance(value, dict):
+        return {k: _substitute_env(v, f"{where}.{k}" if where else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, str):
+
+        def repl(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name not in os.environ:
+                raise ConfigError(f"{where}: environment variable {name} is not set (referenced as ${{{name}}})")
+            return os.environ[name]
+
+        return _ENV_REF.sub(repl, value)
+    return value
+
+
+def _format_validation_error(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (see config-sample.yaml for the keys that exist)"
+        elif err["type"] == "missing":
+            msg = "is required"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Path | None = None) -> Settings:
+    """Validate a parsed configuration; relative paths are taken from ``base_dir``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must contain a mapping of sections (pacs:, paths:, ...)")
+    raw = _substitute_env(raw, "")
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, source)) from None
+    if base_dir is not None:
+        for name in ("download_dir", "archive_dir", "report_dir"):
+            path = getattr(settings.paths, name)
+            if not path.is_absolute():
+                setattr(settings.paths, name, (base_dir / path).resolve())
+        if settings.database.url.startswith("sqlite:///") and not settings.database.url.startswith("sqlite:////"):
+            rel = settings.database.url.removeprefix("sqlite:///")
+            if rel and rel != ":memory:":
+                settings.database.url = f"sqlite:///{(base_dir / rel).resolve()}"
+    return settings
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: the explicit one, else ``$DICOM_ASSETS_CONFIG``."""
+    chosen = explicit or os.environ.get(CONFIG_ENV_VAR)
+    if not chosen:
+        raise ConfigError(f"no configuration file: pass --config FILE or set {CONFIG_ENV_VAR}")
+    return Path(chosen)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Read, substitute and validate the YAML config file at ``path`` (or ``$DICOM_ASSETS_CONFIG``)."""
+    file = config_path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {file}: {exc.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from None
+    return settings_from_dict(raw, str(file), base_dir=file.resolve().parent)
+
+
+def load_selection_rule(selection: SelectionSettings) -> Callable[[Any], bool]:
+    """Build the patient selection predicate: regex on PatientID, a user callable, or accept all.
+
+    The callable receives the patient's C-FIND identifier (a pydicom Dataset).
+    """
+    if selection.function:
+        module_name, _, attr = selection.function.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError) as exc:
+            raise ConfigError(f"selection.function: cannot load {selection.function!r}: {exc}") from None
+        if not callable(target):
+            raise ConfigError(f"selection.function: {selection.function!r} is not callable")
+        return target
+    if selection.patient_id_regex is not None:
+        pattern = re.compile(selection.patient_id_regex)
+        return lambda identifier: bool(pattern.search(str(getattr(identifier, "PatientID", "") or "")))
+    return lambda identifier: True

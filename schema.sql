@@ -1,0 +1,89 @@
+-- dicom_assets state database (PostgreSQL). Applied idempotently by StateStore.create_schema().
+-- The SQLite fallback is built from the same table definitions in dicom_assets/store/tables.py;
+-- a test checks that the two agree.
+
+CREATE TABLE IF NOT EXISTS patients (
+    patient_id          TEXT PRIMARY KEY,            -- PatientID exactly as the PACS returns it
+    partition_key       TEXT NOT NULL UNIQUE,        -- dicom_assets.layout.patient_key(patient_id)
+    patient_name        TEXT,
+    patient_sex         TEXT,
+    patient_birth_date  TEXT,                        -- DICOM DA, YYYYMMDD
+    date_created        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    date_modified       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+
+CREATE TABLE IF NOT EXISTS studies (
+    study_instance_uid  TEXT PRIMARY KEY,            -- never StudyID: it is not unique
+    patient_id          TEXT NOT NULL REFERENCES patients (patient_id) ON DELETE CASCADE,
+    study_id            TEXT,
+    study_date          TEXT,
+    study_time          TEXT,
+    accession_number    TEXT,
+    study_description   TEXT,
+    modalities_in_study TEXT,                        -- backslash-separated, as in DICOM
+    date_created        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    date_modified       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS studies_patient_idx ON studies (patient_id);
+
+CREATE TABLE IF NOT EXISTS series (
+    series_instance_uid  TEXT PRIMARY KEY,
+    study_instance_uid   TEXT NOT NULL REFERENCES studies (study_instance_uid) ON DELETE CASCADE,
+    patient_id           TEXT NOT NULL REFERENCES patients (patient_id) ON DELETE CASCADE,
+    series_number        INTEGER,
+    modality             TEXT,
+    series_description   TEXT,
+    body_part_examined   TEXT,
+    institution_name     TEXT,
+    series_date          TEXT,
+    series_time          TEXT,
+    expected_instances   INTEGER,                    -- NumberOfSeriesRelatedInstances; NULL = unknown
+    downloaded_instances INTEGER NOT NULL DEFAULT 0, -- instance files on disk after the last attempt
+    downloaded_bytes     BIGINT NOT NULL DEFAULT 0,
+    download_status      TEXT NOT NULL DEFAULT 'pending'
+        CHECK (download_status IN ('pending', 'in_progress', 'complete', 'incomplete', 'failed')),
+    attempts             INTEGER NOT NULL DEFAULT 0,
+    last_error           TEXT,
+    claimed_by           TEXT,                       -- worker holding the download claim
+    claim_expires_at     TIMESTAMPTZ,                -- a claim past this time is free again
+    downloaded_at        TIMESTAMPTZ,
+    date_created         TIMESTAMPTZ NOT NULL DEFAULT now(),
+    date_modified        TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS series_patient_idx ON series (patient_id);
+CREATE INDEX IF NOT EXISTS series_study_idx ON series (study_instance_uid);
+CREATE INDEX IF NOT EXISTS series_status_idx ON series (download_status);
+
+CREATE TABLE IF NOT EXISTS archives (
+    archive_id      BIGSERIAL PRIMARY KEY,
+    patient_id      TEXT NOT NULL REFERENCES patients (patient_id) ON DELETE CASCADE,
+    file_name       TEXT NOT NULL,                   -- <patient key><delimiter><series_count>.zip
+    series_count    INTEGER NOT NULL,
+    instance_count  INTEGER NOT NULL,
+    bytes           BIGINT NOT NULL,
+    sha256          TEXT NOT NULL,
+    superseded_at   TIMESTAMPTZ,                     -- set when a newer archive of the patient exists
+    removed_at      TIMESTAMPTZ,                     -- set when the superseded file was deleted
+    date_created    TIMESTAMPTZ NOT NULL DEFAULT now(),
+    date_modified   TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS archives_patient_idx ON archives (patient_id, archive_id);
+
+CREATE OR REPLACE FUNCTION dicom_assets_touch_date_modified() RETURNS trigger AS $$
+BEGIN
+    NEW.date_modified = now();
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+DO $$
+DECLARE t TEXT;
+BEGIN
+    FOREACH t IN ARRAY ARRAY['patients', 'studies', 'series', 'archives'] LOOP
+        IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = t || '_date_modified') THEN
+            EXECUTE format('CREATE TRIGGER %I BEFORE UPDATE ON %I FOR EACH ROW '
+                           'EXECUTE FUNCTION dicom_assets_touch_date_modified()', t || '_date_modified', t);
+        END IF;
+    END LOOP;
+END;
+$$;
