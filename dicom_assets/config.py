@@ -44,7 +44,6 @@ class PacsSettings(_Section):
     max_concurrent_associations: int = Field(2, ge=1, le=32)
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
-    max_find_results: int = Field(0, ge=0, description="0 = the PACS has no result cap")
 
     _ae = field_validator("called_ae_title", "calling_ae_title")(_check_ae_title)
 

@@ -1,17 +1,34 @@
 """The state DB: every query the project makes, in one place (SQLAlchemy Core).
 
 PostgreSQL in production (schema from schema.sql), SQLite as the embedded default, same code.
-CONTRACT: signatures and semantics below are relied on by the pipeline; implementation TODO.
+
+Time: on PostgreSQL every "now" is the database clock (``now()``); on SQLite it is Python's UTC
+clock, stored as naive UTC text (the SQLAlchemy SQLite DateTime format), so string comparison is
+time comparison. Every datetime a method returns is timezone-aware UTC on both backends.
+
+Transactions: each public method is one transaction. On SQLite a writing method starts with
+``BEGIN IMMEDIATE`` (it takes the write lock up front, so a read-then-write never fails to
+upgrade its lock), reads use a deferred ``BEGIN``; WAL mode lets readers run beside the writer
+and the busy timeout makes writers queue instead of failing.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Collection, Iterable, Iterator, Sequence
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
+from sqlalchemy.pool import StaticPool
 
+from dicom_assets import layout
+from dicom_assets.store import tables as t
 from dicom_assets.store.records import (
+    RETRIEVABLE,
     ArchiveCandidate,
     ArchiveRecord,
     PatientRecord,
@@ -22,74 +39,451 @@ from dicom_assets.store.records import (
     UpsertCounts,
 )
 
+if TYPE_CHECKING:
+    import pandas
+
+SCHEMA_SQL = Path(__file__).parent / "schema.sql"
+BATCH_ROWS = 1000
+SQLITE_BUSY_TIMEOUT_S = 60.0
+_SCHEMA_LOCK_KEY = 0x6469636F6D  # pg_advisory_xact_lock key serialising concurrent create_schema()
+
+_PATIENT_FIELDS = ("patient_name", "patient_sex", "patient_birth_date")
+_STUDY_FIELDS = (
+    "study_id",
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_description",
+    "modalities_in_study",
+)
+_SERIES_FIELDS = (
+    "series_number",
+    "modality",
+    "series_description",
+    "body_part_examined",
+    "institution_name",
+    "series_date",
+    "series_time",
+)
+_SERIES_STATE_COLUMNS = (
+    "series_instance_uid",
+    "study_instance_uid",
+    "patient_id",
+    "series_number",
+    "modality",
+    "series_description",
+    "expected_instances",
+    "downloaded_instances",
+    "downloaded_bytes",
+    "download_status",
+    "attempts",
+    "last_error",
+    "claimed_by",
+    "claim_expires_at",
+)
+_INT_INVENTORY_COLUMNS = ("series_number", "expected_instances", "downloaded_instances", "downloaded_bytes", "attempts")
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    """Aware UTC from an aware datetime (PostgreSQL) or a naive UTC one (SQLite)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def _chunks(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    iterator = iter(items)
+    while chunk := list(islice(iterator, size)):
+        yield chunk
+
+
+def _series_state(row: Any) -> SeriesState:
+    m = row._mapping
+    return SeriesState(
+        **{c: m[c] for c in _SERIES_STATE_COLUMNS if c != "claim_expires_at"},
+        claim_expires_at=_utc(m["claim_expires_at"]),
+    )
+
+
+def _archive_record(row: Any) -> ArchiveRecord:
+    m = row._mapping
+    return ArchiveRecord(
+        patient_id=m["patient_id"],
+        file_name=m["file_name"],
+        series_count=m["series_count"],
+        instance_count=m["instance_count"],
+        bytes=m["bytes"],
+        sha256=m["sha256"],
+        archive_id=m["archive_id"],
+        created_at=_utc(m["date_created"]),
+        superseded_at=_utc(m["superseded_at"]),
+        removed_at=_utc(m["removed_at"]),
+    )
+
 
 class StateStore:
     """Thread-safe handle on the state DB (one SQLAlchemy engine; each method is one transaction)."""
 
     def __init__(self, url: str) -> None:
-        raise NotImplementedError
+        """Open (lazily) the database at a SQLAlchemy URL: ``postgresql://...`` or ``sqlite:///path``."""
+        self.url = sa.engine.make_url(url)
+        backend = self.url.get_backend_name()
+        if backend == "postgresql":
+            self.engine = sa.create_engine(self.url, pool_pre_ping=True, pool_size=8, max_overflow=16)
+            self._read_engine = self.engine
+        elif backend == "sqlite":
+            memory = self.url.database in (None, "", ":memory:")
+            kwargs: dict[str, Any] = {
+                "connect_args": {"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_S},
+            }
+            if memory:  # one shared connection; only useful for quick experiments
+                kwargs["poolclass"] = StaticPool
+            self.engine = sa.create_engine(self.url, **kwargs)
+            sa.event.listen(self.engine, "connect", self._sqlite_on_connect)
+            sa.event.listen(self.engine, "begin", self._sqlite_on_begin)
+            self._read_engine = self.engine.execution_options(sqlite_begin="DEFERRED")
+        else:
+            raise ValueError(f"unsupported database URL {self.url.render_as_string(hide_password=True)!r}")
+
+    # -- engine plumbing ---------------------------------------------------------------------
+    @staticmethod
+    def _sqlite_on_connect(dbapi_connection: Any, connection_record: Any) -> None:
+        # Take transaction control away from the sqlite3 module: _sqlite_on_begin emits BEGIN.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @staticmethod
+    def _sqlite_on_begin(conn: sa.Connection) -> None:
+        mode = conn.get_execution_options().get("sqlite_begin", "IMMEDIATE")
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+    @contextmanager
+    def _write(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def _read(self) -> Iterator[sa.Connection]:
+        with self._read_engine.begin() as conn:
+            yield conn
 
     @property
     def is_postgresql(self) -> bool:
-        raise NotImplementedError
+        """True on PostgreSQL, False on SQLite."""
+        return self.engine.dialect.name == "postgresql"
+
+    def _now(self) -> sa.ColumnElement[datetime]:
+        """"Now" as SQL: the DB clock on PostgreSQL, Python's UTC clock (naive) on SQLite."""
+        if self.is_postgresql:
+            return sa.func.now()
+        return sa.literal(datetime.now(timezone.utc).replace(tzinfo=None), t.series.c.claim_expires_at.type)
+
+    def _now_plus(self, seconds: float) -> sa.ColumnElement[datetime]:
+        if self.is_postgresql:
+            return sa.func.now() + sa.literal(timedelta(seconds=seconds), sa.Interval())
+        value = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=seconds)
+        return sa.literal(value, t.series.c.claim_expires_at.type)
+
+    def _insert(self, table: sa.Table) -> Any:
+        return (pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert)(table)
 
     def create_schema(self) -> None:
         """Idempotent. PostgreSQL: execute schema.sql. SQLite: tables.metadata.create_all + triggers."""
-        raise NotImplementedError
+        if self.is_postgresql:
+            sql = SCHEMA_SQL.read_text(encoding="utf-8")
+            raw = self.engine.raw_connection()
+            try:
+                cursor = raw.cursor()
+                try:
+                    cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+                    cursor.execute(sql)
+                finally:
+                    cursor.close()
+                raw.commit()
+            except BaseException:
+                raw.rollback()
+                raise
+            finally:
+                raw.close()
+            return
+        with self._write() as conn:
+            t.metadata.create_all(conn)
+            for table in t.TIMESTAMPED_TABLES:
+                conn.exec_driver_sql(
+                    f"CREATE TRIGGER IF NOT EXISTS {table.name}_date_modified "
+                    f"AFTER UPDATE ON {table.name} FOR EACH ROW "
+                    f"WHEN NEW.date_modified IS OLD.date_modified "
+                    f"BEGIN UPDATE {table.name} SET date_modified = {t.SQLITE_NOW} "
+                    f"WHERE rowid = NEW.rowid; END"
+                )
 
     def dispose(self) -> None:
-        raise NotImplementedError
+        """Close every pooled connection."""
+        self.engine.dispose()
 
     # -- discovery ---------------------------------------------------------------------------
+    def _upsert(
+        self,
+        table: sa.Table,
+        key: str,
+        rows: Iterable[dict[str, Any]],
+        fields: Sequence[str],
+        extra_set: Callable[[Any], dict[str, Any]] | None = None,
+        resets: Callable[[dict[str, Any], Any], bool] | None = None,
+    ) -> UpsertCounts:
+        """Batched insert-or-update keyed on ``key``.
+
+        ``fields`` are updated on known rows, a NULL incoming value keeping the stored one. Known
+        rows whose fields would not change are not written at all (their date_modified stays).
+        ``resets(row, existing)`` says whether a known row goes back to pending (series only).
+        Counts come from a SELECT of the batch's existing keys (locked FOR UPDATE on PostgreSQL).
+        """
+        inserted = updated = reset = 0
+        key_col = table.c[key]
+        extra_cols = ("download_status", "downloaded_instances", "expected_instances") if resets else ()
+        read_cols = [key_col, *(table.c[f] for f in dict.fromkeys((*fields, *extra_cols)))]
+        for chunk in _chunks(rows, BATCH_ROWS):
+            batch: dict[Any, dict[str, Any]] = {}
+            for row in chunk:  # a key twice in one statement is an error on PostgreSQL: last wins
+                batch[row[key]] = row
+            with self._write() as conn:
+                query = sa.select(*read_cols).where(key_col.in_(list(batch))).order_by(key_col)
+                if self.is_postgresql:
+                    query = query.with_for_update()
+                existing = {r[0]: r._mapping for r in conn.execute(query)}
+                to_write = []
+                for k, row in sorted(batch.items()):  # key order: concurrent upserts lock alike
+                    old = existing.get(k)
+                    if old is None:
+                        inserted += 1
+                        to_write.append(row)
+                        continue
+                    is_reset = bool(resets and resets(row, old))
+                    changed = any(row[f] is not None and row[f] != old[f] for f in fields)
+                    if is_reset or changed:
+                        updated += 1
+                        reset += is_reset
+                        to_write.append(row)
+                if not to_write:
+                    continue
+                stmt = self._insert(table)
+                set_ = {f: sa.func.coalesce(stmt.excluded[f], table.c[f]) for f in fields}
+                if extra_set:
+                    set_.update(extra_set(stmt.excluded))
+                stmt = stmt.on_conflict_do_update(index_elements=[key_col], set_=set_)
+                conn.execute(stmt, to_write)
+        return UpsertCounts(inserted=inserted, updated=updated, reset_to_pending=reset)
+
     def upsert_patients(self, patients: Iterable[PatientRecord]) -> UpsertCounts:
-        """Insert new patients (partition_key = layout.patient_key), update demographics of known ones."""
-        raise NotImplementedError
+        """Insert new patients (partition_key = layout.patient_key), update demographics of known ones.
+
+        A NULL demographic never overwrites a known value. ``updated`` counts known patients
+        whose stored values changed (unchanged ones are not written).
+        """
+        rows = (
+            {
+                "patient_id": p.patient_id,
+                "partition_key": layout.patient_key(p.patient_id),
+                **{f: getattr(p, f) for f in _PATIENT_FIELDS},
+            }
+            for p in patients
+        )
+        return self._upsert(t.patients, "patient_id", rows, _PATIENT_FIELDS)
 
     def upsert_studies(self, studies: Iterable[StudyRecord]) -> UpsertCounts:
-        raise NotImplementedError
+        """Insert new studies, update descriptive fields of known ones (NULL never overwrites).
+
+        The patient of a known study is not changed. ``updated`` counts studies that changed.
+        """
+        rows = (
+            {
+                "study_instance_uid": s.study_instance_uid,
+                "patient_id": s.patient_id,
+                **{f: getattr(s, f) for f in _STUDY_FIELDS},
+            }
+            for s in studies
+        )
+        return self._upsert(t.studies, "study_instance_uid", rows, _STUDY_FIELDS)
 
     def upsert_series(self, series: Iterable[SeriesRecord]) -> UpsertCounts:
         """Insert new series as 'pending'; update descriptive fields of known ones.
 
         A known series whose expected_instances changed (PACS gained instances) and that is
         'complete' goes back to 'pending' (counted in reset_to_pending). A NULL expected count
-        from the PACS never overwrites a known one.
+        from the PACS never overwrites a known one. "Changed" compares with the stored expected
+        count, or with downloaded_instances when none is stored. The study and patient of a
+        known series are not changed. ``updated`` counts series that changed.
         """
-        raise NotImplementedError
+        s = t.series
+        rows = (
+            {
+                "series_instance_uid": r.series_instance_uid,
+                "study_instance_uid": r.study_instance_uid,
+                "patient_id": r.patient_id,
+                "expected_instances": r.expected_instances,
+                **{f: getattr(r, f) for f in _SERIES_FIELDS},
+            }
+            for r in series
+        )
+
+        def resets(row: dict[str, Any], old: Any) -> bool:
+            new = row["expected_instances"]
+            known = old["expected_instances"] if old["expected_instances"] is not None else old["downloaded_instances"]
+            return old["download_status"] == "complete" and new is not None and new != known
+
+        def extra_set(excluded: Any) -> dict[str, Any]:
+            changed = sa.and_(
+                s.c.download_status == "complete",
+                excluded.expected_instances.is_not(None),
+                excluded.expected_instances != sa.func.coalesce(s.c.expected_instances, s.c.downloaded_instances),
+            )
+            return {"download_status": sa.case((changed, "pending"), else_=s.c.download_status)}
+
+        return self._upsert(
+            s,
+            "series_instance_uid",
+            rows,
+            (*_SERIES_FIELDS, "expected_instances"),
+            extra_set=extra_set,
+            resets=resets,
+        )
 
     def patient_ids_for_keys(self, keys: Sequence[str]) -> dict[str, str]:
         """partition_key -> patient_id for the keys that exist."""
-        raise NotImplementedError
+        out: dict[str, str] = {}
+        with self._read() as conn:
+            for chunk in _chunks(dict.fromkeys(keys), BATCH_ROWS):
+                query = sa.select(t.patients.c.partition_key, t.patients.c.patient_id).where(
+                    t.patients.c.partition_key.in_(chunk)
+                )
+                out.update({k: p for k, p in conn.execute(query)})
+        return out
 
     def all_partition_keys(self) -> list[str]:
-        raise NotImplementedError
+        """Every patient's partition key, sorted."""
+        with self._read() as conn:
+            query = sa.select(t.patients.c.partition_key).order_by(t.patients.c.partition_key)
+            return list(conn.execute(query).scalars())
 
     def get_patient(self, patient_id: str) -> PatientRecord | None:
-        raise NotImplementedError
+        """The patient's demographics, or None if unknown."""
+        p = t.patients.c
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(p.patient_id, *(p[f] for f in _PATIENT_FIELDS)).where(p.patient_id == patient_id)
+            ).first()
+        return PatientRecord(**row._mapping) if row else None
 
     def studies_of(self, patient_id: str) -> list[StudyRecord]:
-        raise NotImplementedError
+        """The patient's studies, ordered by study_date then study uid."""
+        s = t.studies.c
+        query = (
+            sa.select(s.study_instance_uid, s.patient_id, *(s[f] for f in _STUDY_FIELDS))
+            .where(s.patient_id == patient_id)
+            .order_by(s.study_date.nulls_last(), s.study_instance_uid)
+        )
+        with self._read() as conn:
+            return [StudyRecord(**r._mapping) for r in conn.execute(query)]
 
     def series_of(self, patient_id: str) -> list[SeriesState]:
         """Ordered by study_date, study uid, series_number, series uid."""
-        raise NotImplementedError
+        s = t.series.c
+        query = (
+            sa.select(*(s[c] for c in _SERIES_STATE_COLUMNS))
+            .select_from(t.series.join(t.studies, t.series.c.study_instance_uid == t.studies.c.study_instance_uid))
+            .where(s.patient_id == patient_id)
+            .order_by(
+                t.studies.c.study_date.nulls_last(),
+                s.study_instance_uid,
+                s.series_number.nulls_last(),
+                s.series_instance_uid,
+            )
+        )
+        with self._read() as conn:
+            return [_series_state(r) for r in conn.execute(query)]
 
     def get_series(self, series_uid: str) -> SeriesState | None:
-        raise NotImplementedError
+        """One series' state, or None if unknown."""
+        s = t.series.c
+        with self._read() as conn:
+            row = conn.execute(
+                sa.select(*(s[c] for c in _SERIES_STATE_COLUMNS)).where(s.series_instance_uid == series_uid)
+            ).first()
+        return _series_state(row) if row else None
 
     # -- retrieval ---------------------------------------------------------------------------
-    def claim_next_series(self, patient_ids: Sequence[str], worker: str, lease_s: float) -> SeriesState | None:
+    def _retrievable(self) -> sa.ColumnElement[bool]:
+        s = t.series.c
+        return sa.or_(
+            s.download_status.in_(RETRIEVABLE),
+            sa.and_(
+                s.download_status == "in_progress",
+                sa.or_(s.claim_expires_at.is_(None), s.claim_expires_at < self._now()),
+            ),
+        )
+
+    def claim_next_series(
+        self, patient_ids: Sequence[str], worker: str, lease_s: float, exclude: Collection[str] = ()
+    ) -> SeriesState | None:
         """Atomically claim one retrievable series of these patients for ``worker``.
 
         Retrievable: status pending/incomplete/failed, or in_progress with claim_expires_at in
         the past (a crashed claimer). PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1,
         then UPDATE. Sets status in_progress, claimed_by, claim_expires_at = now + lease,
         attempts + 1. Returns the claimed row (after update) or None.
+        Order: patient_id, study uid, series_number (NULL last), series uid.
+        SQLite: one UPDATE ... WHERE uid = (SELECT ... LIMIT 1) RETURNING under BEGIN IMMEDIATE.
+        ``exclude``: series UIDs never to claim (e.g. those this run already attempted, so a
+        series that just ended failed/incomplete is not retried in a loop within one run).
         """
-        raise NotImplementedError
+        ids = list(dict.fromkeys(patient_ids))
+        if not ids:
+            return None
+        s = t.series.c
+        pick = (
+            sa.select(s.series_instance_uid)
+            .where(s.patient_id.in_(ids), self._retrievable())
+            .where(*([s.series_instance_uid.not_in(list(exclude))] if exclude else []))
+            .order_by(s.patient_id, s.study_instance_uid, s.series_number.nulls_last(), s.series_instance_uid)
+            .limit(1)
+        )
+        values = {
+            "download_status": "in_progress",
+            "claimed_by": worker,
+            "claim_expires_at": self._now_plus(lease_s),
+            "attempts": s.attempts + 1,
+        }
+        returning = [s[c] for c in _SERIES_STATE_COLUMNS]
+        with self._write() as conn:
+            if self.is_postgresql:
+                uid = conn.execute(pick.with_for_update(skip_locked=True)).scalar_one_or_none()
+                if uid is None:
+                    return None
+                target = s.series_instance_uid == uid
+            else:
+                target = s.series_instance_uid == pick.scalar_subquery()
+            row = conn.execute(sa.update(t.series).where(target).values(**values).returning(*returning)).first()
+        return _series_state(row) if row else None
 
     def extend_claim(self, series_uid: str, worker: str, lease_s: float) -> bool:
-        raise NotImplementedError
+        """Push the claim's expiry to now + lease. False if ``worker`` no longer holds the claim."""
+        s = t.series.c
+        stmt = (
+            sa.update(t.series)
+            .where(s.series_instance_uid == series_uid, s.claimed_by == worker, s.download_status == "in_progress")
+            .values(claim_expires_at=self._now_plus(lease_s))
+        )
+        with self._write() as conn:
+            return conn.execute(stmt).rowcount == 1
 
     def finish_series(
         self,
@@ -105,45 +499,260 @@ class StateStore:
 
         expected_instances, when given, replaces the stored count (learned at IMAGE level).
         Sets downloaded_at when status is complete; clears last_error then.
-        Returns False if the claim was lost (expired and taken by another worker).
+        Returns False if the claim was lost (expired and taken by another worker, or released
+        by release_expired_claims).
         """
-        raise NotImplementedError
+        if status not in t.SERIES_STATUSES or status == "in_progress":
+            raise ValueError(f"finish_series: {status!r} is not a final status")
+        s = t.series.c
+        values: dict[str, Any] = {
+            "download_status": status,
+            "downloaded_instances": downloaded_instances,
+            "downloaded_bytes": downloaded_bytes,
+            "claimed_by": None,
+            "claim_expires_at": None,
+        }
+        if status == "complete":
+            values["last_error"] = None
+            values["downloaded_at"] = self._now()
+        else:
+            values["last_error"] = error
+        if expected_instances is not None:
+            values["expected_instances"] = expected_instances
+        stmt = (
+            sa.update(t.series)
+            .where(s.series_instance_uid == series_uid, s.claimed_by == worker, s.download_status == "in_progress")
+            .values(**values)
+        )
+        with self._write() as conn:
+            return conn.execute(stmt).rowcount == 1
 
     def release_expired_claims(self) -> int:
         """Set in_progress series with an expired claim back to 'incomplete'. Returns how many."""
-        raise NotImplementedError
+        s = t.series.c
+        stmt = (
+            sa.update(t.series)
+            .where(
+                s.download_status == "in_progress",
+                sa.or_(s.claim_expires_at.is_(None), s.claim_expires_at < self._now()),
+            )
+            .values(download_status="incomplete", claimed_by=None, claim_expires_at=None)
+        )
+        with self._write() as conn:
+            return conn.execute(stmt).rowcount
 
     # -- archive -----------------------------------------------------------------------------
     def record_archive(self, archive: ArchiveRecord) -> ArchiveRecord:
-        """Insert the archive and mark older archives of the patient superseded (same transaction)."""
-        raise NotImplementedError
+        """Insert the archive and mark older archives of the patient superseded (same transaction).
+
+        Returns the stored record (archive_id and created_at filled in).
+        """
+        a = t.archives.c
+        with self._write() as conn:
+            if self.is_postgresql:  # serialise concurrent recorders of one patient
+                conn.execute(
+                    sa.select(t.patients.c.patient_id)
+                    .where(t.patients.c.patient_id == archive.patient_id)
+                    .with_for_update()
+                )
+            conn.execute(
+                sa.update(t.archives)
+                .where(a.patient_id == archive.patient_id, a.superseded_at.is_(None))
+                .values(superseded_at=self._now())
+            )
+            row = conn.execute(
+                sa.insert(t.archives)
+                .values(
+                    patient_id=archive.patient_id,
+                    file_name=archive.file_name,
+                    series_count=archive.series_count,
+                    instance_count=archive.instance_count,
+                    bytes=archive.bytes,
+                    sha256=archive.sha256,
+                )
+                .returning(*t.archives.c)
+            ).one()
+        return _archive_record(row)
 
     def mark_archive_removed(self, archive_id: int) -> None:
-        raise NotImplementedError
+        """Record that a superseded archive's file was deleted."""
+        a = t.archives.c
+        with self._write() as conn:
+            conn.execute(
+                sa.update(t.archives)
+                .where(a.archive_id == archive_id, a.removed_at.is_(None))
+                .values(removed_at=self._now())
+            )
 
     def latest_archive(self, patient_id: str) -> ArchiveRecord | None:
-        raise NotImplementedError
+        """The patient's most recent archive record, or None."""
+        a = t.archives.c
+        query = sa.select(t.archives).where(a.patient_id == patient_id).order_by(a.archive_id.desc()).limit(1)
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        return _archive_record(row) if row else None
 
     def superseded_archives(self, patient_id: str) -> list[ArchiveRecord]:
-        """Superseded archives of the patient whose file has not been removed yet."""
-        raise NotImplementedError
+        """Superseded archives of the patient whose file has not been removed yet (oldest first)."""
+        a = t.archives.c
+        query = (
+            sa.select(t.archives)
+            .where(a.patient_id == patient_id, a.superseded_at.is_not(None), a.removed_at.is_(None))
+            .order_by(a.archive_id)
+        )
+        with self._read() as conn:
+            return [_archive_record(r) for r in conn.execute(query)]
+
+    @staticmethod
+    def _series_counts() -> sa.Subquery:
+        s = t.series.c
+        return (
+            sa.select(
+                s.patient_id,
+                sa.func.count().label("n"),
+                sa.func.sum(sa.case((s.download_status == "complete", 0), else_=1)).label("not_complete"),
+            )
+            .group_by(s.patient_id)
+            .subquery("counts")
+        )
+
+    @staticmethod
+    def _latest_archive_ids(current_only: bool = False) -> sa.Subquery:
+        a = t.archives.c
+        query = sa.select(a.patient_id, sa.func.max(a.archive_id).label("archive_id")).group_by(a.patient_id)
+        if current_only:
+            query = query.where(a.superseded_at.is_(None))
+        return query.subquery("latest")
 
     def archive_candidates(self, after_key: str | None = None, limit: int = 1000) -> list[ArchiveCandidate]:
         """Patients (ordered by partition_key, > after_key) with >= 1 series, every series complete,
         and no archive or a latest archive whose series_count differs from the current count."""
-        raise NotImplementedError
+        p = t.patients.c
+        counts = self._series_counts()
+        latest = self._latest_archive_ids()
+        a = t.archives.alias("a")
+        query = (
+            sa.select(p.patient_id, p.partition_key, counts.c.n, a.c.series_count)
+            .select_from(
+                t.patients.join(counts, counts.c.patient_id == p.patient_id)
+                .outerjoin(latest, latest.c.patient_id == p.patient_id)
+                .outerjoin(a, a.c.archive_id == latest.c.archive_id)
+            )
+            .where(
+                counts.c.not_complete == 0,
+                sa.or_(a.c.archive_id.is_(None), a.c.series_count != counts.c.n),
+            )
+            .order_by(p.partition_key)
+            .limit(limit)
+        )
+        if after_key is not None:
+            query = query.where(p.partition_key > after_key)
+        with self._read() as conn:
+            return [
+                ArchiveCandidate(patient_id=r[0], partition_key=r[1], series_count=r[2], archived_series_count=r[3])
+                for r in conn.execute(query)
+            ]
 
     # -- reporting ---------------------------------------------------------------------------
     def status_counts(self) -> dict[str, int]:
         """download_status -> number of series (every status present, zeros included)."""
-        raise NotImplementedError
+        s = t.series.c
+        out = dict.fromkeys(t.SERIES_STATUSES, 0)
+        with self._read() as conn:
+            for status, n in conn.execute(sa.select(s.download_status, sa.func.count()).group_by(s.download_status)):
+                out[status] = n
+        return out
 
     def patient_counts(self) -> dict[str, int]:
         """{'patients': n, 'archived': patients whose latest archive matches their series count,
         'pending': the rest}."""
-        raise NotImplementedError
+        counts = self._series_counts()
+        latest = self._latest_archive_ids()
+        a = t.archives.alias("a")
+        archived_q = (
+            sa.select(sa.func.count())
+            .select_from(
+                latest.join(a, a.c.archive_id == latest.c.archive_id).join(
+                    counts, counts.c.patient_id == latest.c.patient_id
+                )
+            )
+            .where(a.c.series_count == counts.c.n)
+        )
+        with self._read() as conn:
+            total = conn.execute(sa.select(sa.func.count()).select_from(t.patients)).scalar_one()
+            archived = conn.execute(archived_q).scalar_one()
+        return {"patients": total, "archived": archived, "pending": total - archived}
 
-    def iter_inventory(self, chunk_rows: int = 50_000) -> Iterator["pandas.DataFrame"]:  # noqa: F821
+    def inventory_query(self) -> sa.Select:
+        """The inventory SELECT (columns = dicom_assets.inventory.INVENTORY_COLUMNS, in order)."""
+        p, st, se = t.patients.c, t.studies.c, t.series.c
+        latest = self._latest_archive_ids(current_only=True)
+        a = t.archives.alias("a")
+        return (
+            sa.select(
+                p.patient_id,
+                p.partition_key,
+                p.patient_name,
+                p.patient_sex,
+                p.patient_birth_date,
+                st.study_instance_uid,
+                st.study_id,
+                st.study_date,
+                st.study_time,
+                st.accession_number,
+                st.study_description,
+                st.modalities_in_study,
+                se.series_instance_uid,
+                se.series_number,
+                se.modality,
+                se.series_description,
+                se.body_part_examined,
+                se.institution_name,
+                se.series_date,
+                se.series_time,
+                se.expected_instances,
+                se.downloaded_instances,
+                se.downloaded_bytes,
+                se.download_status,
+                se.attempts,
+                se.last_error,
+                se.downloaded_at,
+                a.c.file_name.label("archive_name"),
+            )
+            .select_from(
+                t.series.join(t.studies, se.study_instance_uid == st.study_instance_uid)
+                .join(t.patients, se.patient_id == p.patient_id)
+                .outerjoin(latest, latest.c.patient_id == se.patient_id)
+                .outerjoin(a, a.c.archive_id == latest.c.archive_id)
+            )
+            .order_by(
+                se.patient_id,
+                st.study_date.nulls_last(),
+                st.study_instance_uid,
+                se.series_number.nulls_last(),
+                se.series_instance_uid,
+            )
+        )
+
+    def iter_inventory(self, chunk_rows: int = 50_000) -> Iterator["pandas.DataFrame"]:
         """One SQL query (series JOIN studies JOIN patients LEFT JOIN latest archive), read in chunks.
-        Columns: see dicom_assets.inventory.INVENTORY_COLUMNS."""
-        raise NotImplementedError
+        Columns: see dicom_assets.inventory.INVENTORY_COLUMNS.
+
+        Streams (server-side cursor on PostgreSQL), so at most ``chunk_rows`` rows are in memory.
+        Integer columns are pandas ``Int64`` (NULL-able), downloaded_at is UTC datetime64. Yields
+        nothing when there are no series. Holds one connection until exhausted or closed.
+        """
+        import pandas as pd
+
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        query = self.inventory_query()
+        columns = [c.name for c in query.selected_columns]
+        with self._read() as conn:
+            result = conn.execution_options(yield_per=chunk_rows).execute(query)
+            for part in result.partitions(chunk_rows):
+                frame = pd.DataFrame.from_records(part, columns=columns)
+                for name in _INT_INVENTORY_COLUMNS:
+                    frame[name] = frame[name].astype("Int64")
+                frame["downloaded_at"] = pd.to_datetime(frame["downloaded_at"], utc=True)
+                yield frame

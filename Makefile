@@ -1,0 +1,28 @@
+# dicom_assets — every set-up step lives here, so `make demo` and `make test` work on a fresh
+# Debian machine with Python 3.11.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= demo-work
+
+.PHONY: install demo test dev services clean
+
+$(STAMP): pyproject.toml scripts/bootstrap.sh
+	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/dicom-assets demo --workdir $(DEMO_DIR)
+
+test: install services
+	$(BIN)/python -m pytest
+
+services:
+	scripts/ensure-services.sh
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -1,0 +1,337 @@
+"""One zip per patient: ``<patient key><delimiter><series count>.zip`` in the archive directory.
+
+A patient's archive is built only when every series of the patient is ``complete``. Members are
+``<patient key>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, read from the
+download directory. The zip is written file by file to a hidden temp name, verified (every
+member read back, so zipfile checks its CRC; members == the instances on disk), hashed, fsynced
+and only then renamed over the final name, so a reader never sees a partial archive and a
+failed build leaves the previous archive in place. Superseded archives of the patient are then
+deleted unless asked to keep them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, Sequence
+
+from dicom_assets import layout
+from dicom_assets.store.records import ArchiveRecord, SeriesState
+from dicom_assets.store.state import StateStore
+
+_READ_CHUNK = 1 << 20
+_MAX_LISTED = 10
+_MAX_NAME_BYTES = 255
+
+
+class ArchiveNotReady(RuntimeError):
+    """The patient cannot be archived yet (no series, a series not complete, files missing)."""
+
+
+class ArchiveVerificationError(RuntimeError):
+    """The freshly written zip failed verification; it was deleted and the previous one kept."""
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    patient_id: str
+    file_name: str
+    path: Path
+    series_count: int
+    instance_count: int
+    bytes: int
+    sha256: str
+    seconds: float
+    up_to_date: bool
+    removed_superseded: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Member:
+    arcname: str
+    path: Path
+    size: int
+
+
+def open_zip_writer(fileobj: BinaryIO, compression_level: int) -> zipfile.ZipFile:
+    """The single place that chooses the compressor (swap in a faster deflate here).
+
+    Deflate at ``compression_level`` (0-9), ZIP64 whenever a member or the archive needs it,
+    and file modification times before 1980 clamped instead of refused.
+    """
+    return zipfile.ZipFile(
+        fileobj,
+        mode="w",
+        compression=zipfile.ZIP_DEFLATED,
+        compresslevel=compression_level,
+        allowZip64=True,
+        strict_timestamps=False,
+    )
+
+
+def _uid_sort_key(uid: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in uid.split("."))
+
+
+def _listed(items: Sequence[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def _scan_members(download_dir: Path, patient_id: str, series: Sequence[SeriesState]) -> list[_Member]:
+    """Every instance file of the patient's series, in series order then SOP UID order."""
+    key = layout.patient_key(patient_id)
+    members: list[_Member] = []
+    for s in series:
+        directory = layout.series_dir(download_dir, patient_id, s.study_instance_uid, s.series_instance_uid)
+        on_disk = layout.instances_on_disk(directory)
+        for sop in sorted(on_disk, key=_uid_sort_key):
+            members.append(
+                _Member(
+                    arcname=f"{key}/{s.study_instance_uid}/{s.series_instance_uid}/{sop}.dcm",
+                    path=layout.instance_file(directory, sop),
+                    size=on_disk[sop],
+                )
+            )
+    return members
+
+
+def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequence[_Member]) -> None:
+    if not series:
+        raise ArchiveNotReady(f"patient {patient_id!r} has no series")
+    not_complete = [f"{s.series_instance_uid} ({s.download_status})" for s in series if s.download_status != "complete"]
+    if not_complete:
+        raise ArchiveNotReady(
+            f"patient {patient_id!r}: {len(not_complete)} of {len(series)} series not complete: {_listed(not_complete)}"
+        )
+    per_series: dict[str, int] = {}
+    for m in members:
+        series_uid = m.arcname.split("/")[2]
+        per_series[series_uid] = per_series.get(series_uid, 0) + 1
+    short = [
+        f"{s.series_instance_uid} ({per_series.get(s.series_instance_uid, 0)} of {s.downloaded_instances} files)"
+        for s in series
+        if per_series.get(s.series_instance_uid, 0) < s.downloaded_instances
+    ]
+    if short:
+        raise ArchiveNotReady(
+            f"patient {patient_id!r}: {len(short)} complete series have fewer instance files on disk than "
+            f"downloaded: {_listed(short)}"
+        )
+
+
+def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> None:
+    """Stream the members into a new zip at ``path`` (one file at a time), then fsync it."""
+    with open(path, "xb") as fileobj:
+        with open_zip_writer(fileobj, compression_level) as zf:
+            for m in members:
+                zf.write(m.path, m.arcname)
+        fileobj.flush()
+        os.fsync(fileobj.fileno())
+
+
+def verify_archive(path: Path, expected: dict[str, int]) -> None:
+    """Raise ArchiveVerificationError unless the zip holds exactly ``expected`` (arcname -> size)
+    and every member reads back with a correct CRC."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+            names = [i.filename for i in infos]
+            if len(names) != len(set(names)):
+                raise ArchiveVerificationError(f"{path.name}: duplicate members")
+            if set(names) != set(expected):
+                missing = sorted(set(expected) - set(names))
+                extra = sorted(set(names) - set(expected))
+                raise ArchiveVerificationError(
+                    f"{path.name}: {len(names)} members but {len(expected)} instance files on disk "
+                    f"(missing: {_listed(missing)}; unexpected: {_listed(extra)})"
+                )
+            for info in infos:
+                if info.file_size != expected[info.filename]:
+                    raise ArchiveVerificationError(
+                        f"{path.name}: {info.filename} is {info.file_size} bytes in the zip, "
+                        f"{expected[info.filename]} on disk"
+                    )
+                with zf.open(info) as member:  # zipfile checks the CRC when the member is read to its end
+                    while member.read(_READ_CHUNK):
+                        pass
+    except ArchiveVerificationError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, OSError...
+        raise ArchiveVerificationError(f"{path.name}: {type(exc).__name__}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _archive_path(archive_dir: Path, file_name: str) -> Path:
+    """``archive_dir / file_name`` for a plain file name, checked to stay inside archive_dir."""
+    if not file_name or file_name in (".", "..") or "/" in file_name or "\\" in file_name or "\x00" in file_name:
+        raise layout.UnsafeNameError(f"{file_name!r} is not a plain archive file name")
+    return layout.ensure_inside(archive_dir, archive_dir / file_name)
+
+
+def _temp_name(name: str) -> str:
+    """Hidden ``.<name>.<token>.part``; a digest of the name stands in when that is too long."""
+    token = secrets.token_hex(8)
+    temp = f".{name}.{token}.part"
+    if len(temp.encode("utf-8")) > _MAX_NAME_BYTES:
+        temp = f".{hashlib.sha256(name.encode('utf-8')).hexdigest()[:32]}.zip.{token}.part"
+    return temp
+
+
+def remove_superseded(
+    store: StateStore, archive_dir: Path, patient_id: str, delimiter: str, current_name: str, scan_strays: bool = True
+) -> tuple[str, ...]:
+    """Delete the patient's superseded zips and mark them removed; returns the deleted file names.
+
+    Recorded superseded archives are removed by name (a superseded record with the current
+    name only gets marked: its file was replaced by the current archive). With ``scan_strays``
+    any other file matching exactly this patient's archive pattern (another series count, e.g.
+    left by a crash before it was recorded) is deleted too; another patient's zip never matches.
+    """
+    removed: list[str] = []
+    for record in store.superseded_archives(patient_id):
+        if record.file_name != current_name:
+            path = _archive_path(archive_dir, record.file_name)
+            try:
+                path.unlink()
+                removed.append(record.file_name)
+            except FileNotFoundError:
+                pass
+        if record.archive_id is not None:
+            store.mark_archive_removed(record.archive_id)
+    if scan_strays:
+        pattern: re.Pattern[str] = layout.archive_pattern(patient_id, delimiter)
+        with os.scandir(archive_dir) as entries:
+            strays = sorted(
+                e.name
+                for e in entries
+                if e.name != current_name and pattern.match(e.name) and e.is_file(follow_symlinks=False)
+            )
+        for name in strays:
+            try:
+                _archive_path(archive_dir, name).unlink()
+                if name not in removed:
+                    removed.append(name)
+            except FileNotFoundError:
+                pass
+    return tuple(removed)
+
+
+def build_patient_archive(
+    store: StateStore,
+    download_dir: Path,
+    archive_dir: Path,
+    patient_id: str,
+    delimiter: str = "__seriesCount",
+    keep_superseded: bool = False,
+    compression_level: int = 6,
+) -> ArchiveResult:
+    """Build (or confirm up to date) the patient's archive; see the module docstring.
+
+    Raises ArchiveNotReady when the patient has no series, a series is not complete, or a
+    complete series has fewer instance files on disk than the DB says were downloaded.
+    The archive is up to date (no rebuild) when the latest record has this name, this series
+    count and this instance count (instance files now on disk), and the file exists with the
+    recorded size. Raises ArchiveVerificationError when the new zip fails verification.
+    """
+    started = time.monotonic()
+    download_dir = Path(download_dir)
+    archive_dir = Path(archive_dir)
+    series = store.series_of(patient_id)
+    members = _scan_members(download_dir, patient_id, series) if series else []
+    _check_ready(patient_id, series, members)
+
+    series_count = len(series)
+    name = layout.archive_name(patient_id, delimiter, series_count)
+    archive_dir.mkdir(parents=True, exist_ok=True)
+    final = _archive_path(archive_dir, name)
+
+    latest = store.latest_archive(patient_id)
+    if (
+        latest is not None
+        and latest.file_name == name
+        and latest.series_count == series_count
+        and latest.instance_count == len(members)
+        and final.is_file()
+        and final.stat().st_size == latest.bytes
+    ):
+        removed = () if keep_superseded else remove_superseded(
+            store, archive_dir, patient_id, delimiter, name, scan_strays=False
+        )
+        return ArchiveResult(
+            patient_id=patient_id,
+            file_name=name,
+            path=final,
+            series_count=series_count,
+            instance_count=latest.instance_count,
+            bytes=latest.bytes,
+            sha256=latest.sha256,
+            seconds=time.monotonic() - started,
+            up_to_date=True,
+            removed_superseded=removed,
+        )
+
+    temp = _archive_path(archive_dir, _temp_name(name))
+    try:
+        _write_zip(temp, members, compression_level)
+        # What must be in the zip: the instance files on disk now (catches files that changed
+        # or appeared while the zip was written).
+        now_on_disk = {m.arcname: m.size for m in _scan_members(download_dir, patient_id, series)}
+        verify_archive(temp, now_on_disk)
+        sha256 = _sha256(temp)
+        size = temp.stat().st_size
+        os.replace(temp, final)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(archive_dir)
+
+    store.record_archive(
+        ArchiveRecord(
+            patient_id=patient_id,
+            file_name=name,
+            series_count=series_count,
+            instance_count=len(members),
+            bytes=size,
+            sha256=sha256,
+        )
+    )
+    removed = () if keep_superseded else remove_superseded(store, archive_dir, patient_id, delimiter, name)
+    return ArchiveResult(
+        patient_id=patient_id,
+        file_name=name,
+        path=final,
+        series_count=series_count,
+        instance_count=len(members),
+        bytes=size,
+        sha256=sha256,
+        seconds=time.monotonic() - started,
+        up_to_date=False,
+        removed_superseded=removed,
+    )

@@ -1,0 +1,147 @@
+"""The ``dicom-assets`` command: demo, sync, status and the bundled PACS."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from dicom_assets.config import ConfigError
+
+
+def _move_destination(text: str) -> tuple[str, tuple[str, int]]:
+    try:
+        ae, _, address = text.partition("=")
+        host, _, port = address.rpartition(":")
+        if not ae or not host:
+            raise ValueError
+        return ae, (host, int(port))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected AE=HOST:PORT, e.g. DICOM_ASSETS=127.0.0.1:11113") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-assets", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the whole pipeline against the bundled PACS and a synthetic cohort")
+    demo.add_argument("--workdir", type=Path, default=Path("demo-work"), help="where everything goes (default: demo-work)")
+    demo.add_argument("--patients", type=int, default=4)
+    demo.add_argument("--slices", type=int, default=24, help="slices per series")
+    demo.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
+
+    sync = sub.add_parser("sync", help="one complete pass against the configured PACS (runs show in the Dagster UI)")
+    sync.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
+    sync.add_argument("--no-progress", action="store_true", help="no progress display")
+
+    status = sub.add_parser("status", help="series by download status, patients archived / pending")
+    status.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
+
+    pacs = sub.add_parser("pacs", help="the bundled development PACS").add_subparsers(dest="pacs_command", required=True)
+    serve = pacs.add_parser("serve", help="serve a folder of DICOM files (C-ECHO, C-FIND, C-MOVE, C-GET)")
+    serve.add_argument("--dir", type=Path, required=True)
+    serve.add_argument("--port", type=int, required=True)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--ae-title", default="DEVPACS")
+    serve.add_argument("--move-destination", type=_move_destination, action="append", default=[], metavar="AE=HOST:PORT")
+    generate = pacs.add_parser("generate", help="write a synthetic CT cohort into a folder")
+    generate.add_argument("--dir", type=Path, required=True)
+    generate.add_argument("--patients", type=int, default=3)
+    generate.add_argument("--studies", type=int, default=1, help="studies per patient")
+    generate.add_argument("--series", type=int, default=2, help="series per study")
+    generate.add_argument("--slices", type=int, default=10, help="slices per series")
+    generate.add_argument("--size", type=int, default=64, help="rows and columns")
+    generate.add_argument("--prefix", default="DEMO", help="PatientID prefix")
+    generate.add_argument("--seed", type=int, default=0)
+    add = pacs.add_parser("add-series", help="add a synthetic series to a patient of a generated cohort")
+    add.add_argument("--dir", type=Path, required=True)
+    add.add_argument("--patient-id", required=True)
+    add.add_argument("--slices", type=int, default=10)
+    add.add_argument("--size", type=int, default=64)
+    return parser
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from dicom_assets.sync import run_sync
+
+    report = run_sync(args.config, progress=not args.no_progress)
+    counts = report.status_counts
+    print(
+        f"series: {counts.get('complete', 0)} complete, {counts.get('incomplete', 0)} incomplete, "
+        f"{counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending; "
+        f"patients archived {report.patient_counts.get('archived', 0)}/{report.patient_counts.get('patients', 0)}; "
+        f"{report.seconds:.1f}s"
+    )
+    if report.failed_runs:
+        print(f"failed runs: {', '.join(report.failed_runs)} (see the Dagster UI for their logs)", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from dicom_assets.config import load_settings
+    from dicom_assets.store import StateStore
+
+    settings = load_settings(args.config)
+    store = StateStore(settings.database.url)
+    store.create_schema()
+    for status, count in store.status_counts().items():
+        print(f"{status:12} {count}")
+    patients = store.patient_counts()
+    print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending)")
+    return 0
+
+
+def cmd_pacs(args: argparse.Namespace) -> int:
+    from dicom_assets import devpacs
+
+    if args.pacs_command == "serve":
+        devpacs.serve_forever(args.dir, args.port, ae_title=args.ae_title, host=args.host, move_destinations=dict(args.move_destination))
+        return 0
+    if args.pacs_command == "generate":
+        spec = devpacs.CohortSpec(
+            patients=args.patients,
+            studies_per_patient=args.studies,
+            series_per_study=args.series,
+            slices_per_series=args.slices,
+            rows=args.size,
+            columns=args.size,
+            patient_id_prefix=args.prefix,
+            seed=args.seed,
+        )
+        summary = devpacs.generate_cohort(args.dir, spec)
+        print(f"{len(summary.patients)} patients, {len(summary.series)} series, {summary.instances} instances, {summary.bytes} bytes in {args.dir}")
+        return 0
+    added = devpacs.add_series(args.dir, args.patient_id, slices=args.slices, rows=args.size, columns=args.size)
+    print(f"added series {added.series_instance_uid} ({added.instances} instances) to {args.patient_id!r}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dicom_assets.demo import run_demo
+
+    return run_demo(args.workdir, patients=args.patients, slices=args.slices, size=args.size)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("pynetdicom", "pynetdicom.acse", "pynetdicom.dimse", "pynetdicom.assoc", "pynetdicom.events"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    handlers = {"sync": cmd_sync, "status": cmd_status, "pacs": cmd_pacs, "demo": cmd_demo}
+    try:
+        return handlers[args.command](args)
+    except ConfigError as exc:
+        print(f"dicom-assets: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("dicom-assets: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""The code location: every asset, check and sensor of the project, and the one resource."""
+
+import dagster as dg
+
+from dicom_assets.defs.archive.assets import patient_archive
+from dicom_assets.defs.archive.sensors import patient_archive_outdated
+from dicom_assets.defs.discovery.assets import patients, series, studies
+from dicom_assets.defs.jobs import discover_patients_job, patient_pipeline_job, write_inventory_job
+from dicom_assets.defs.reporting.assets import inventory, validation_report
+from dicom_assets.defs.reporting.checks import instance_counts_match
+from dicom_assets.defs.resources import dicom_resource
+from dicom_assets.defs.retrieval.assets import downloaded_series
+
+ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, validation_report, inventory]
+
+defs = dg.Definitions(
+    assets=ALL_ASSETS,
+    asset_checks=[instance_counts_match],
+    jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
+    sensors=[patient_archive_outdated],
+    resources={"dicom": dicom_resource()},
+)

@@ -1,0 +1,35 @@
+"""Rebuild a patient's archive when its series count differs from its latest archive's."""
+
+
+import dagster as dg
+
+from dicom_assets.defs.archive.assets import patient_archive
+from dicom_assets.defs.resources import DicomAssetsResource
+
+CHUNK = 500
+
+
+@dg.sensor(
+    asset_selection=[patient_archive],
+    minimum_interval_seconds=60,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+)
+def patient_archive_outdated(context: dg.SensorEvaluationContext, dicom: DicomAssetsResource) -> dg.SensorResult:
+    """Reads the state DB in chunks (cursor = last partition key seen); never queries the PACS.
+
+    The run key includes the series count and the latest archive, so a patient is requested once
+    per change, not once per tick.
+    """
+    candidates = dicom.store().archive_candidates(after_key=context.cursor or None, limit=CHUNK)
+    cursor = candidates[-1].partition_key if len(candidates) == CHUNK else None
+    requests = [
+        dg.RunRequest(
+            partition_key=c.partition_key,
+            run_key=f"{c.partition_key}:{c.series_count}:{c.archived_series_count}",
+            tags={"dicom_assets/reason": f"series count {c.archived_series_count} -> {c.series_count}"},
+        )
+        for c in candidates
+    ]
+    if not requests:
+        return dg.SensorResult(skip_reason="every archive matches its patient's series count", cursor=cursor)
+    return dg.SensorResult(run_requests=requests, cursor=cursor)

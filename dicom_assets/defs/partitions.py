@@ -1,0 +1,9 @@
+"""One dynamic partition per selected patient; the key is ``layout.patient_key(PatientID)``."""
+
+import dagster as dg
+
+PATIENTS_PARTITION_SET = "patients"
+patient_partitions = dg.DynamicPartitionsDefinition(name=PATIENTS_PARTITION_SET)
+
+#: Many patients in one run: a backfill over thousands of partitions must not become thousands of runs.
+patients_backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=200)

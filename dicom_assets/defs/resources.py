@@ -1,0 +1,71 @@
+"""The one resource: the project's configuration, and the clients built from it.
+
+The config file path comes from ``DICOM_ASSETS_CONFIG`` (an EnvVar, so it is never baked into a
+run's stored config); passwords inside it come from ``${VAR}`` references.
+"""
+
+
+import functools
+from pathlib import Path
+from typing import Sequence
+
+import dagster as dg
+
+from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_selection_rule, load_settings
+from dicom_assets.pacs.budget import SlidingWindowBudget
+from dicom_assets.pacs.client import PacsClient
+from dicom_assets.store import StateStore
+
+
+@functools.lru_cache(maxsize=8)
+def _settings(path: str, mtime_ns: int) -> Settings:
+    return load_settings(path)
+
+
+@functools.lru_cache(maxsize=8)
+def _store(url: str) -> StateStore:
+    store = StateStore(url)
+    store.create_schema()
+    return store
+
+
+@functools.lru_cache(maxsize=8)
+def _budget(host: str, port: int, per_minute: int) -> SlidingWindowBudget:
+    """One budget per PACS per process, shared by every client and thread."""
+    return SlidingWindowBudget(per_minute)
+
+
+class DicomAssetsResource(dg.ConfigurableResource):
+    """Loads the YAML config and builds the state store and PACS client from it."""
+
+    config_path: str
+
+    def settings(self) -> Settings:
+        path = Path(self.config_path)
+        mtime = path.stat().st_mtime_ns if path.exists() else 0
+        return _settings(str(path), mtime)
+
+    def store(self) -> StateStore:
+        return _store(self.settings().database.url)
+
+    def pacs(self) -> PacsClient:
+        pacs = self.settings().pacs
+        return PacsClient(pacs, _budget(pacs.host, pacs.port, pacs.max_requests_per_minute))
+
+    def selection_rule(self):  # type: ignore[no-untyped-def]
+        return load_selection_rule(self.settings().selection)
+
+    def patient_ids(self, partition_keys: Sequence[str]) -> list[str]:
+        """Map partition keys to PatientIDs through the state DB; unknown keys are an error."""
+        found = self.store().patient_ids_for_keys(partition_keys)
+        missing = [k for k in partition_keys if k not in found]
+        if missing:
+            raise dg.Failure(
+                f"{len(missing)} patient partition(s) are not in the state DB (first: {missing[0]!r}); "
+                "materialize `patients` first"
+            )
+        return [found[k] for k in partition_keys]
+
+
+def dicom_resource() -> DicomAssetsResource:
+    return DicomAssetsResource(config_path=dg.EnvVar(CONFIG_ENV_VAR))

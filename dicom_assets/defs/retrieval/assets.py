@@ -1,0 +1,40 @@
+"""Retrieval asset: every not-yet-complete series of the patient, on local disk."""
+
+
+import dagster as dg
+
+from dicom_assets.defs.discovery.assets import series
+from dicom_assets.defs.partitions import patient_partitions, patients_backfill_policy
+from dicom_assets.defs.resources import DicomAssetsResource
+from dicom_assets.retrieval import SeriesOutcome, retrieve_patients
+
+
+@dg.asset(
+    group_name="retrieval",
+    kinds={"dicom"},
+    deps=[series],
+    partitions_def=patient_partitions,
+    backfill_policy=patients_backfill_policy,
+)
+def downloaded_series(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
+    """C-MOVE (or C-GET) each pending/incomplete/failed series of the patients into download_dir."""
+    settings = dicom.settings()
+    store = dicom.store()
+    patient_ids = dicom.patient_ids(context.partition_keys)
+    released = store.release_expired_claims()
+    if released:
+        context.log.warning(f"{released} series claimed by a crashed run were released")
+    done = 0
+
+    def progress(outcome: SeriesOutcome) -> None:
+        nonlocal done
+        done += 1
+        line = f"[{done}] series {outcome.series_instance_uid}: {outcome.status}, {outcome.instances} instances, {outcome.seconds:.1f}s"
+        (context.log.info if outcome.status == "complete" else context.log.warning)(
+            line + (f" ({outcome.error})" if outcome.error else "")
+        )
+
+    stats = retrieve_patients(settings, dicom.pacs(), store, patient_ids, on_outcome=progress)
+    return dg.MaterializeResult(
+        metadata={**stats.metadata(), "patients": len(patient_ids), "method": settings.pacs.retrieve_method}
+    )

@@ -1,0 +1,139 @@
+"""SQLAlchemy Core table definitions mirroring ``schema.sql`` (PostgreSQL is authoritative).
+
+PostgreSQL builds its schema from ``schema.sql``; SQLite builds it from :data:`metadata` (plus the
+``date_modified`` triggers in :mod:`dicom_assets.store.state`). A test reflects a PostgreSQL
+database built from ``schema.sql`` and compares it with these definitions.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.functions import FunctionElement
+
+SERIES_STATUSES: tuple[str, ...] = ("pending", "in_progress", "complete", "incomplete", "failed")
+
+metadata = sa.MetaData()
+
+# SQLite's CURRENT_TIMESTAMP has whole seconds only; this keeps milliseconds, in the format the
+# SQLAlchemy SQLite DateTime type reads back (UTC, like every timestamp the store writes there).
+SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
+
+
+class db_now(FunctionElement):
+    """The database clock as a column default: ``now()`` on PostgreSQL, UTC with ms on SQLite."""
+
+    type = sa.DateTime(timezone=True)
+    name = "db_now"
+    inherit_cache = True
+
+
+@compiles(db_now)
+def _db_now_default(element: db_now, compiler, **kw) -> str:
+    return "now()"
+
+
+@compiles(db_now, "sqlite")
+def _db_now_sqlite(element: db_now, compiler, **kw) -> str:
+    return f"({SQLITE_NOW})"
+
+
+def _timestamps() -> list[sa.Column]:
+    return [
+        sa.Column("date_created", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+        sa.Column("date_modified", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+    ]
+
+
+patients = sa.Table(
+    "patients",
+    metadata,
+    sa.Column("patient_id", sa.Text, primary_key=True),
+    sa.Column("partition_key", sa.Text, nullable=False, unique=True),
+    sa.Column("patient_name", sa.Text),
+    sa.Column("patient_sex", sa.Text),
+    sa.Column("patient_birth_date", sa.Text),
+    *_timestamps(),
+)
+
+studies = sa.Table(
+    "studies",
+    metadata,
+    sa.Column("study_instance_uid", sa.Text, primary_key=True),
+    sa.Column(
+        "patient_id", sa.Text, sa.ForeignKey("patients.patient_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("study_id", sa.Text),
+    sa.Column("study_date", sa.Text),
+    sa.Column("study_time", sa.Text),
+    sa.Column("accession_number", sa.Text),
+    sa.Column("study_description", sa.Text),
+    sa.Column("modalities_in_study", sa.Text),
+    *_timestamps(),
+    sa.Index("studies_patient_idx", "patient_id"),
+)
+
+series = sa.Table(
+    "series",
+    metadata,
+    sa.Column("series_instance_uid", sa.Text, primary_key=True),
+    sa.Column(
+        "study_instance_uid",
+        sa.Text,
+        sa.ForeignKey("studies.study_instance_uid", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    sa.Column(
+        "patient_id", sa.Text, sa.ForeignKey("patients.patient_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("series_number", sa.Integer),
+    sa.Column("modality", sa.Text),
+    sa.Column("series_description", sa.Text),
+    sa.Column("body_part_examined", sa.Text),
+    sa.Column("institution_name", sa.Text),
+    sa.Column("series_date", sa.Text),
+    sa.Column("series_time", sa.Text),
+    sa.Column("expected_instances", sa.Integer),
+    sa.Column("downloaded_instances", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("downloaded_bytes", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("download_status", sa.Text, nullable=False, server_default=sa.text("'pending'")),
+    sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("last_error", sa.Text),
+    sa.Column("claimed_by", sa.Text),
+    sa.Column("claim_expires_at", sa.DateTime(timezone=True)),
+    sa.Column("downloaded_at", sa.DateTime(timezone=True)),
+    *_timestamps(),
+    sa.CheckConstraint(
+        "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
+        name="series_download_status_check",
+    ),
+    sa.Index("series_patient_idx", "patient_id"),
+    sa.Index("series_study_idx", "study_instance_uid"),
+    sa.Index("series_status_idx", "download_status"),
+)
+
+archives = sa.Table(
+    "archives",
+    metadata,
+    # BIGSERIAL on PostgreSQL; on SQLite only an INTEGER primary key auto-increments.
+    sa.Column(
+        "archive_id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column(
+        "patient_id", sa.Text, sa.ForeignKey("patients.patient_id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("series_count", sa.Integer, nullable=False),
+    sa.Column("instance_count", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("superseded_at", sa.DateTime(timezone=True)),
+    sa.Column("removed_at", sa.DateTime(timezone=True)),
+    *_timestamps(),
+    sa.Index("archives_patient_idx", "patient_id", "archive_id"),
+)
+
+TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives)

@@ -1,0 +1,109 @@
+"""Config loading: ${VAR} substitution, defaults, and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+
+from dicom_assets.config import ConfigError, load_selection_rule, load_settings, settings_from_dict
+
+MINIMAL = {
+    "pacs": {"host": "127.0.0.1", "port": 4242, "called_ae_title": "ORTHANC"},
+    "paths": {"download_dir": "dl", "archive_dir": "zips", "report_dir": "reports"},
+}
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    settings = settings_from_dict(MINIMAL, base_dir=tmp_path)
+    assert settings.pacs.retrieve_method == "c-move"
+    assert settings.pacs.max_requests_per_minute == 700
+    assert settings.archive.delimiter == "__seriesCount"
+    assert settings.archive.keep_superseded is False
+    assert settings.paths.download_dir == tmp_path / "dl"
+
+
+def test_env_var_substitution_for_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DB_PASSWORD", "s3cret")
+    path = _write(
+        tmp_path,
+        """
+pacs: {host: 127.0.0.1, port: 4242, called_ae_title: ORTHANC}
+paths: {download_dir: dl, archive_dir: zips, report_dir: reports}
+database: {url: "postgresql://user:${DB_PASSWORD}@127.0.0.1/db"}
+""",
+    )
+    assert load_settings(path).database.url == "postgresql://user:s3cret@127.0.0.1/db"
+
+
+def test_missing_env_var_names_key_and_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOPE_NOT_SET", raising=False)
+    path = _write(
+        tmp_path,
+        "pacs: {host: '${NOPE_NOT_SET}', port: 1, called_ae_title: X}\npaths: {download_dir: a, archive_dir: b, report_dir: c}\n",
+    )
+    with pytest.raises(ConfigError, match=r"pacs\.host: environment variable NOPE_NOT_SET is not set"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("patch", "message"),
+    [
+        ({"pacs": {**MINIMAL["pacs"], "port": 70000}}, r"pacs\.port: Input should be less than or equal to 65535"),
+        ({"pacs": {**MINIMAL["pacs"], "retrieve_method": "c-send"}}, r"pacs\.retrieve_method"),
+        ({"pacs": {**MINIMAL["pacs"], "called_ae_title": "X" * 17}}, r"pacs\.called_ae_title: must be 1-16"),
+        ({"archive": {"delimiter": "../x"}}, r"archive\.delimiter: must be"),
+        ({"selection": {"patient_id_regex": "(["}}, r"selection\.patient_id_regex: is not a valid regular expression"),
+        ({"selection": {"patient_id_regex": "A", "function": "m:f"}}, r"selection: set either"),
+        ({"database": {"url": "mysql://x"}}, r"database\.url: must start with"),
+        ({"pacs": {"host": "h", "port": 1}}, r"pacs\.called_ae_title: is required"),
+        ({"pacz": {}}, r"pacz: unknown key"),
+    ],
+)
+def test_invalid_values_name_the_key(patch: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        settings_from_dict({**MINIMAL, **patch})
+
+
+def test_unreadable_and_invalid_yaml_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read configuration file"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="is not valid YAML"):
+        load_settings(_write(tmp_path, "pacs: [unclosed"))
+
+
+def test_no_config_at_all_says_how_to_give_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("DICOM_ASSETS_CONFIG", raising=False)
+    with pytest.raises(ConfigError, match="--config FILE or set DICOM_ASSETS_CONFIG"):
+        load_settings(None)
+
+
+def _patient(pid: str) -> Dataset:
+    ds = Dataset()
+    ds.PatientID = pid
+    return ds
+
+
+def test_selection_regex_searches_patient_id() -> None:
+    rule = load_selection_rule(settings_from_dict({**MINIMAL, "selection": {"patient_id_regex": "^THL"}}).selection)
+    assert rule(_patient("THL-001"))
+    assert not rule(_patient("XTHL-001"))
+
+
+def test_selection_function_is_loaded_and_bad_paths_fail_clearly() -> None:
+    ok = settings_from_dict({**MINIMAL, "selection": {"function": "os.path:isabs"}}).selection
+    assert load_selection_rule(ok)("/x") is True
+    bad = settings_from_dict({**MINIMAL, "selection": {"function": "no_such_module_xyz:f"}}).selection
+    with pytest.raises(ConfigError, match="selection.function: cannot load"):
+        load_selection_rule(bad)
+
+
+def test_default_selection_keeps_everyone() -> None:
+    assert load_selection_rule(settings_from_dict(MINIMAL).selection)(_patient("anything"))

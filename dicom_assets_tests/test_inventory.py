@@ -1,0 +1,113 @@
+"""Inventory: StateStore.iter_inventory and write_inventory against PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from dicom_assets import inventory
+from dicom_assets.inventory import INVENTORY_COLUMNS, write_inventory
+from dicom_assets.store import ArchiveRecord, PatientRecord, SeriesRecord, StateStore, StudyRecord
+
+
+@pytest.fixture
+def seeded(store: StateStore) -> StateStore:
+    store.upsert_patients(
+        [PatientRecord("B", "Doe^Bea", "F", "19800101"), PatientRecord("A", "Roe^Al", "M"), PatientRecord("a/b"),
+         PatientRecord("no-series")]
+    )
+    store.upsert_studies(
+        [
+            StudyRecord("1.1", "A", study_date="20210101", modalities_in_study="CT\\SR"),
+            StudyRecord("1.2", "A", study_date="20200101", accession_number="ACC2"),
+            StudyRecord("2.1", "B"),
+            StudyRecord("3.1", "a/b", study_date="20220101"),
+        ]
+    )
+    store.upsert_series(
+        [
+            SeriesRecord("1.1.2", "1.1", "A", 2, "SR", expected_instances=1),
+            SeriesRecord("1.1.1", "1.1", "A", 1, "CT", "Head, \"axial\"", expected_instances=10),
+            SeriesRecord("1.2.1", "1.2", "A", None, "CT", expected_instances=None),
+            SeriesRecord("2.1.1", "2.1", "B", 1, "MR", expected_instances=3),
+            SeriesRecord("3.1.1", "3.1", "a/b", 1, "US", expected_instances=4),
+        ]
+    )
+    claimed = store.claim_next_series(["B"], "w", 60)
+    store.finish_series(claimed.series_instance_uid, "w", "complete", 3, 3000)
+    claimed = store.claim_next_series(["a/b"], "w", 60)
+    store.finish_series(claimed.series_instance_uid, "w", "failed", 1, 500, error="C-MOVE failed:\nA700")
+    store.record_archive(ArchiveRecord("B", "B__seriesCount0.zip", 0, 0, 1, "x"))
+    store.record_archive(ArchiveRecord("B", "B__seriesCount1.zip", 1, 3, 1, "y"))
+    return store
+
+
+def test_query_columns_match_inventory_columns(store: StateStore) -> None:
+    assert tuple(c.name for c in store.inventory_query().selected_columns) == INVENTORY_COLUMNS
+    assert len(INVENTORY_COLUMNS) == 28
+
+
+def test_iter_inventory_chunks_and_order(seeded: StateStore) -> None:
+    chunks = list(seeded.iter_inventory(chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    frame = pd.concat(chunks, ignore_index=True)
+    assert tuple(frame.columns) == INVENTORY_COLUMNS
+    # patient_id, then study_date (NULL last), study uid, series_number (NULL last), series uid
+    assert list(frame["series_instance_uid"]) == ["1.2.1", "1.1.1", "1.1.2", "2.1.1", "3.1.1"]
+    assert list(frame["partition_key"]) == ["A", "A", "A", "B", "a%2Fb"]
+    assert str(frame["series_number"].dtype) == "Int64" and pd.isna(frame["series_number"][0])
+    assert list(frame["archive_name"].where(frame["archive_name"].notna(), None)) == [
+        None, None, None, "B__seriesCount1.zip", None]
+    b = frame[frame["patient_id"] == "B"].iloc[0]
+    assert (b["download_status"], b["downloaded_instances"], b["downloaded_bytes"], b["attempts"]) == ("complete", 3, 3000, 1)
+    assert b["downloaded_at"].tzinfo is not None and pd.isna(frame["downloaded_at"][0])
+    assert list(seeded.iter_inventory()) != [] and len(list(seeded.iter_inventory())[0]) == 5
+
+
+def test_write_inventory(seeded: StateStore, tmp_path: Path) -> None:
+    out = tmp_path / "reports" / "inventory.csv"
+    stats = write_inventory(seeded, out, chunk_rows=2)
+    assert stats.path == out
+    assert (stats.rows, stats.patients, stats.studies, stats.bytes) == (5, 3, 4, 3500)
+    assert stats.by_status == {"pending": 3, "in_progress": 0, "complete": 1, "incomplete": 0, "failed": 1}
+    assert stats.seconds >= 0
+    frame = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert tuple(frame.columns) == INVENTORY_COLUMNS
+    assert len(frame) == 5
+    first = frame.iloc[1]  # 1.1.1
+    assert (first["series_number"], first["expected_instances"], first["series_description"]) == ("1", "10", 'Head, "axial"')
+    assert first["modalities_in_study"] == "CT\\SR"
+    assert frame.iloc[0]["series_number"] == "" and frame.iloc[0]["expected_instances"] == ""
+    assert frame.iloc[0]["accession_number"] == "ACC2"
+    assert frame.iloc[4]["last_error"] == "C-MOVE failed:\nA700" and frame.iloc[4]["patient_id"] == "a/b"
+    assert frame.iloc[3]["archive_name"] == "B__seriesCount1.zip" and frame.iloc[3]["downloaded_at"].startswith("20")
+    assert [p.name for p in out.parent.iterdir()] == ["inventory.csv"]
+
+
+def test_write_inventory_empty(store: StateStore, tmp_path: Path) -> None:
+    stats = write_inventory(store, tmp_path / "inventory.csv")
+    assert (stats.rows, stats.patients, stats.studies, stats.bytes) == (0, 0, 0, 0)
+    assert (tmp_path / "inventory.csv").read_text() == ",".join(INVENTORY_COLUMNS) + "\n"
+
+
+def test_write_inventory_is_atomic(seeded: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "inventory.csv"
+    out.write_text("previous inventory\n")
+    real_iter = seeded.iter_inventory
+
+    def failing_iter(chunk_rows: int = 50_000):
+        chunks = real_iter(chunk_rows)
+        yield next(chunks)
+        raise RuntimeError("database went away")
+
+    monkeypatch.setattr(seeded, "iter_inventory", failing_iter)
+    with pytest.raises(RuntimeError, match="went away"):
+        write_inventory(seeded, out, chunk_rows=2)
+    assert out.read_text() == "previous inventory\n"
+    assert [p.name for p in tmp_path.iterdir() if p.name != "state.sqlite" and not p.name.startswith("state.sqlite")] == [
+        "inventory.csv"]
+    monkeypatch.undo()
+    assert write_inventory(seeded, out).rows == 5
+    assert inventory.INVENTORY_COLUMNS[0] == "patient_id"

@@ -1,0 +1,118 @@
+"""Retrieval with the state DB: completeness rules, resume, and both retrieve methods."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dicom_assets.discovery import discover_patients, discover_series, discover_studies
+from dicom_assets.layout import instances_on_disk, series_dir
+from dicom_assets.pacs.client import PacsClient
+from dicom_assets.retrieval import retrieve_patients
+from dicom_assets.store import StateStore
+from dicom_assets_tests.conftest import free_port
+from dicom_assets_tests.pacs_fixtures import make_settings, small_cohort
+
+
+@pytest.fixture
+def world(tmp_path: Path, db_url: str):
+    """A served cohort, discovered into a fresh state DB (PostgreSQL and SQLite)."""
+    from dicom_assets.devpacs import DevPacs
+
+    cohort = small_cohort(tmp_path / "pacs")
+    receiver_port = free_port()
+    with DevPacs(tmp_path / "pacs", move_destinations={"DICOM_ASSETS": ("127.0.0.1", receiver_port)}) as pacs:
+        settings = make_settings(tmp_path, pacs.port, receiver_port, db_url)
+        store = StateStore(db_url)
+        store.create_schema()
+        client = PacsClient(settings.pacs)
+        discover_patients(client, store, lambda ds: True)
+        ids = list(cohort.patients)
+        discover_studies(client, store, ids)
+        discover_series(client, store, ids)
+        yield cohort, settings, store, client, pacs
+        store.dispose()
+
+
+def _sql(store: StateStore, statement: str) -> None:
+    """Put the state DB in a situation a test needs (as a crash or the PACS would)."""
+    with store.engine.begin() as conn:
+        conn.exec_driver_sql(statement)
+
+
+def _dir(settings, s) -> Path:
+    return series_dir(settings.paths.download_dir, s.patient_id, s.study_instance_uid, s.series_instance_uid)
+
+
+@pytest.mark.parametrize("method", ["c-move", "c-get"])
+def test_every_series_complete_with_every_instance(world, method: str) -> None:
+    cohort, settings, store, client, _ = world
+    settings.pacs.retrieve_method = method
+    stats = retrieve_patients(settings, client, store, list(cohort.patients))
+    assert stats.count("complete") == len(cohort.series)
+    for s in cohort.series:
+        assert sorted(instances_on_disk(_dir(settings, s))) == sorted(s.sop_instance_uids)
+        state = store.get_series(s.series_instance_uid)
+        assert state.download_status == "complete" and state.downloaded_instances == s.instances
+        assert state.attempts == 1 and state.claimed_by is None
+
+
+def test_partial_series_fetches_only_the_missing_instances(world) -> None:
+    cohort, settings, store, client, _ = world
+    retrieve_patients(settings, client, store, list(cohort.patients))
+    target = cohort.series[0]
+    directory = _dir(settings, target)
+    files = sorted(directory.glob("*.dcm"))
+    kept = {f: os.stat(f).st_ino for f in files[2:]}
+    for f in files[:2]:
+        f.unlink()
+    _sql(store, f"UPDATE series SET download_status = 'incomplete' WHERE series_instance_uid = '{target.series_instance_uid}'")
+    stats = retrieve_patients(settings, client, store, [target.patient_id])
+    assert [o.status for o in stats.outcomes] == ["complete"]
+    assert len(instances_on_disk(directory)) == target.instances
+    assert stats.bytes_received == sum(os.stat(f).st_size for f in files[:2])  # only the two missing came
+    assert all(os.stat(f).st_ino == ino for f, ino in kept.items())  # existing files untouched
+
+
+def test_complete_series_on_disk_are_not_fetched_again(world) -> None:
+    cohort, settings, store, client, pacs = world
+    retrieve_patients(settings, client, store, list(cohort.patients))
+    before = pacs.requests_served
+    stats = retrieve_patients(settings, client, store, list(cohort.patients))
+    assert stats.outcomes == []  # nothing retrievable: all complete
+    assert pacs.requests_served == before
+
+
+def test_unknown_expected_count_falls_back_to_image_level(world) -> None:
+    cohort, settings, store, client, _ = world
+    target = cohort.series[1]
+    # The PACS gave no NumberOfSeriesRelatedInstances for this series:
+    _sql(store, f"UPDATE series SET expected_instances = NULL WHERE series_instance_uid = '{target.series_instance_uid}'")
+    stats = retrieve_patients(settings, client, store, [target.patient_id])
+    assert all(o.status == "complete" for o in stats.outcomes)
+    assert store.get_series(target.series_instance_uid).expected_instances == target.instances
+
+
+def test_more_expected_than_the_pacs_has_is_incomplete_not_complete(world) -> None:
+    cohort, settings, store, client, _ = world
+    target = cohort.series[0]
+    _sql(store, f"UPDATE series SET expected_instances = 99 WHERE series_instance_uid = '{target.series_instance_uid}'")
+    stats = retrieve_patients(settings, client, store, [target.patient_id])
+    outcome = next(o for o in stats.outcomes if o.series_instance_uid == target.series_instance_uid)
+    assert outcome.status == "incomplete"
+    state = store.get_series(target.series_instance_uid)
+    assert state.download_status == "incomplete" and "of 99" in (state.last_error or "")
+
+
+def test_pacs_down_marks_failed_with_reason_and_attempts(world, tmp_path: Path) -> None:
+    cohort, settings, store, client, pacs = world
+    pacs.stop()
+    settings.pacs.timeout_s = 2
+    patient = cohort.series[0].patient_id
+    stats = retrieve_patients(settings, PacsClient(settings.pacs), store, [patient])
+    assert len(stats.outcomes) == 2 and all(o.status == "failed" for o in stats.outcomes)  # one attempt each
+    state = store.get_series(cohort.series[0].series_instance_uid)
+    assert state.download_status == "failed" and state.attempts == 1
+    assert "cannot associate" in state.last_error
