@@ -81,7 +81,7 @@ def run_demo(workdir: Path, patients: int = 4, slices: int = 24, size: int = 256
         config = write_demo_config(workdir, pacs.port, receiver_port)
         print(f"bundled PACS DEVPACS on 127.0.0.1:{pacs.port}; config {config}")
         first = run_sync(config)
-        patient = cohort.patients[0]
+        patient = spec.resolved_patient_ids()[0]
         added = add_series(workdir / "pacs", patient, slices=slices, rows=size, columns=size)
         print(f"added series {added.series_instance_uid} to patient {patient!r}; syncing again")
         second = run_sync(config)
