@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("pynetdicom", "pynetdicom.acse", "pynetdicom.dimse", "pynetdicom.assoc", "pynetdicom.events"):
+    for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {"sync": cmd_sync, "status": cmd_status, "pacs": cmd_pacs, "demo": cmd_demo}
     try:

@@ -77,6 +77,8 @@ def run_demo(workdir: Path, patients: int = 4, slices: int = 24, size: int = 256
     print(f"cohort: {len(cohort.patients)} patients, {len(cohort.series)} series, {cohort.instances} instances, {cohort.bytes / 1e6:.1f} MB")
     receiver_port = _free_port()
     os.environ["DAGSTER_HOME"] = str(workdir / "dagster_home")
+    (workdir / "dagster_home").mkdir()
+    (workdir / "dagster_home" / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     with DevPacs(workdir / "pacs", move_destinations={"DICOM_ASSETS": ("127.0.0.1", receiver_port)}) as pacs:
         config = write_demo_config(workdir, pacs.port, receiver_port)
         print(f"bundled PACS DEVPACS on 127.0.0.1:{pacs.port}; config {config}")

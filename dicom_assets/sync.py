@@ -95,8 +95,13 @@ def dagster_instance() -> dg.DagsterInstance:
     return dg.DagsterInstance.get()
 
 
+#: What the runs print on the console; everything still goes to the run's event log (the UI).
+CONSOLE_LOG_LEVEL = os.environ.get("DICOM_ASSETS_CONSOLE_LOG_LEVEL", "WARNING")
+
+
 def _run(job: dg.JobDefinition, instance: dg.DagsterInstance, report: SyncReport, tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
-    result = job.execute_in_process(instance=instance, tags=tags or {}, raise_on_error=False)
+    run_config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LOG_LEVEL}}}}
+    result = job.execute_in_process(instance=instance, tags=tags or {}, raise_on_error=False, run_config=run_config)
     report.runs.append(result.run_id)
     if not result.success:
         report.failed_runs.append(f"{job.name} ({result.run_id})")
