@@ -116,3 +116,20 @@ def test_pacs_down_marks_failed_with_reason_and_attempts(world, tmp_path: Path) 
     state = store.get_series(cohort.series[0].series_instance_uid)
     assert state.download_status == "failed" and state.attempts == 1
     assert "cannot associate" in state.last_error
+
+
+def test_claims_of_a_killed_process_are_released_at_once(world) -> None:
+    import socket
+    import subprocess
+
+    from dicom_assets.retrieval import release_dead_claims
+
+    cohort, settings, store, client, _ = world
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    holder = f"{socket.gethostname()}:{dead.pid}:1"
+    claimed = store.claim_next_series(list(cohort.patients), holder, lease_s=3600)
+    alive = store.claim_next_series(list(cohort.patients), f"{socket.gethostname()}:{os.getpid()}:1", lease_s=3600)
+    assert release_dead_claims(store) == 1
+    assert store.get_series(claimed.series_instance_uid).download_status == "incomplete"
+    assert store.get_series(alive.series_instance_uid).download_status == "in_progress"

@@ -541,6 +541,27 @@ class StateStore:
         with self._write() as conn:
             return conn.execute(stmt).rowcount
 
+    def claim_holders(self) -> list[str]:
+        """The distinct workers holding an in_progress claim (to find those that died)."""
+        s = t.series.c
+        stmt = sa.select(s.claimed_by).where(s.download_status == "in_progress", s.claimed_by.is_not(None)).distinct()
+        with self._read() as conn:
+            return [row[0] for row in conn.execute(stmt)]
+
+    def release_claims_of(self, workers: Sequence[str]) -> int:
+        """Release the claims of workers known to be dead (set their series to 'incomplete')."""
+        if not workers:
+            return 0
+        s = t.series.c
+        stmt = (
+            sa.update(t.series)
+            .where(s.download_status == "in_progress", s.claimed_by.in_(list(workers)))
+            .values(download_status="incomplete", claimed_by=None, claim_expires_at=None,
+                    last_error="the worker holding the claim died")
+        )
+        with self._write() as conn:
+            return conn.execute(stmt).rowcount
+
     # -- archive -----------------------------------------------------------------------------
     def record_archive(self, archive: ArchiveRecord) -> ArchiveRecord:
         """Insert the archive and mark older archives of the patient superseded (same transaction).

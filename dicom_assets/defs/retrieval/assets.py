@@ -6,7 +6,7 @@ import dagster as dg
 from dicom_assets.defs.discovery.assets import series
 from dicom_assets.defs.partitions import patient_partitions, patients_backfill_policy
 from dicom_assets.defs.resources import DicomAssetsResource
-from dicom_assets.retrieval import SeriesOutcome, retrieve_patients
+from dicom_assets.retrieval import SeriesOutcome, release_dead_claims, retrieve_patients
 
 
 @dg.asset(
@@ -21,7 +21,7 @@ def downloaded_series(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
     settings = dicom.settings()
     store = dicom.store()
     patient_ids = dicom.patient_ids(context.partition_keys)
-    released = store.release_expired_claims()
+    released = release_dead_claims(store)
     if released:
         context.log.warning(f"{released} series claimed by a crashed run were released")
     done = 0
