@@ -19,13 +19,16 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Sequence
 
 from dicom_assets import layout
 from dicom_assets.store.records import ArchiveRecord, SeriesState
 from dicom_assets.store.state import StateStore
+from dicom_assets.zipwriter import write_zip
 
-_READ_CHUNK = 1 << 20
+_READ_CHUNK = 4 << 20
+_THREADS = max(1, min(4, os.cpu_count() or 1))
 _MAX_LISTED = 10
 _MAX_NAME_BYTES = 255
 
@@ -57,22 +60,6 @@ class _Member:
     arcname: str
     path: Path
     size: int
-
-
-def open_zip_writer(fileobj: BinaryIO, compression_level: int) -> zipfile.ZipFile:
-    """The single place that chooses the compressor (swap in a faster deflate here).
-
-    Deflate at ``compression_level`` (0-9), ZIP64 whenever a member or the archive needs it,
-    and file modification times before 1980 clamped instead of refused.
-    """
-    return zipfile.ZipFile(
-        fileobj,
-        mode="w",
-        compression=zipfile.ZIP_DEFLATED,
-        compresslevel=compression_level,
-        allowZip64=True,
-        strict_timestamps=False,
-    )
 
 
 def _uid_sort_key(uid: str) -> tuple[int, ...]:
@@ -126,14 +113,13 @@ def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequen
         )
 
 
-def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> None:
-    """Stream the members into a new zip at ``path`` (one file at a time), then fsync it."""
+def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> str:
+    """Write the members into a new zip at ``path`` (parallel deflate), fsync it; returns its SHA-256."""
     with open(path, "xb") as fileobj:
-        with open_zip_writer(fileobj, compression_level) as zf:
-            for m in members:
-                zf.write(m.path, m.arcname)
+        sha256 = write_zip(fileobj, ((m.path, m.arcname) for m in members), compression_level, threads=_THREADS)
         fileobj.flush()
         os.fsync(fileobj.fileno())
+    return sha256
 
 
 def verify_archive(path: Path, expected: dict[str, int]) -> None:
@@ -158,21 +144,23 @@ def verify_archive(path: Path, expected: dict[str, int]) -> None:
                         f"{path.name}: {info.filename} is {info.file_size} bytes in the zip, "
                         f"{expected[info.filename]} on disk"
                     )
-                with zf.open(info) as member:  # zipfile checks the CRC when the member is read to its end
-                    while member.read(_READ_CHUNK):
-                        pass
+        # Read every member back with Python's own zip reader (which checks each CRC), in
+        # parallel: inflate releases the GIL, and this is half of an archive's time.
+        with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="verify") as pool:
+            for future in [pool.submit(_read_members, path, names[i::_THREADS]) for i in range(_THREADS)]:
+                future.result()
     except ArchiveVerificationError:
         raise
     except Exception as exc:  # noqa: BLE001 - BadZipFile, zlib.error, EOFError, OSError...
         raise ArchiveVerificationError(f"{path.name}: {type(exc).__name__}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_READ_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+def _read_members(path: Path, names: Sequence[str]) -> None:
+    with zipfile.ZipFile(path) as zf:
+        for name in names:
+            with zf.open(name) as member:  # zipfile checks the CRC when the member is read to its end
+                while member.read(_READ_CHUNK):
+                    pass
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -299,12 +287,11 @@ def build_patient_archive(
 
     temp = _archive_path(archive_dir, _temp_name(name))
     try:
-        _write_zip(temp, members, compression_level)
+        sha256 = _write_zip(temp, members, compression_level)
         # What must be in the zip: the instance files on disk now (catches files that changed
         # or appeared while the zip was written).
         now_on_disk = {m.arcname: m.size for m in _scan_members(download_dir, patient_id, series)}
         verify_archive(temp, now_on_disk)
-        sha256 = _sha256(temp)
         size = temp.stat().st_size
         os.replace(temp, final)
     except BaseException:
