@@ -18,6 +18,9 @@ install: $(STAMP)
 demo: install
 	$(BIN)/dicom-assets demo --workdir $(DEMO_DIR)
 
+dev: install
+	$(BIN)/dicom-assets dev --workdir $(DEMO_DIR)
+
 test: install services
 	$(BIN)/python -m pytest
 
