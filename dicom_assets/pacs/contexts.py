@@ -3,8 +3,8 @@
 Refusing a storage SOP class or a compressed transfer syntax makes PACS sub-operations fail
 silently for that modality, so the receiver accepts every storage class pynetdicom knows with
 every transfer syntax pydicom knows. A C-GET association must propose the storage classes itself
-and has room for 128 contexts in all, so C-GET proposes pynetdicom's 120 most common storage
-classes (see docs: a series of a rarer class needs C-MOVE).
+and has room for 128 contexts in all, so C-GET proposes its 4 query contexts and pynetdicom's
+120 most common storage classes (a series of a rarer class needs C-MOVE).
 """
 
 from __future__ import annotations
@@ -49,7 +49,13 @@ def query_contexts() -> list[PresentationContext]:
 
 def get_contexts() -> tuple[list[PresentationContext], list[SCP_SCU_RoleSelectionNegotiation]]:
     """What a C-GET requestor proposes (<= 128 contexts) and the SCP role for each storage class."""
-    contexts = [build_context(GET_MODELS["study"], QUERY_SYNTAXES), build_context(GET_MODELS["patient"], QUERY_SYNTAXES)]
+    contexts = [
+        build_context(GET_MODELS["study"], QUERY_SYNTAXES),
+        build_context(GET_MODELS["patient"], QUERY_SYNTAXES),
+        # IMAGE-level C-FIND (which instances are missing) goes over the same association
+        build_context(FIND_MODELS["study"], QUERY_SYNTAXES),
+        build_context(Verification, QUERY_SYNTAXES),
+    ]
     storage = CGET_STORAGE_SOP_CLASSES[: 128 - len(contexts)]
     contexts += [build_context(uid, TRANSFER_SYNTAXES) for uid in storage]
     roles = [build_role(uid, scp_role=True) for uid in storage]
