@@ -69,6 +69,24 @@ CREATE TABLE IF NOT EXISTS archives (
 );
 CREATE INDEX IF NOT EXISTS archives_patient_idx ON archives (patient_id, archive_id);
 
+-- The PACS request budget shared by every process and run (dicom_assets.pacs.budget.DatabaseBudget).
+-- One row per PACS, locked FOR UPDATE by each token request, so grants to one PACS are serialised.
+CREATE TABLE IF NOT EXISTS pacs_budgets (
+    pacs_key        TEXT PRIMARY KEY,                -- "host:port/called_ae"
+    last_sent_at    TIMESTAMPTZ,                     -- time of the newest grant (grants never go back in time)
+    granted         BIGINT NOT NULL DEFAULT 0,       -- tokens handed out, ever
+    deferred        BIGINT NOT NULL DEFAULT 0        -- token requests answered "wait" (the budget was full)
+);
+
+-- One row per granted request still inside the window; older rows are pruned by the next request.
+CREATE TABLE IF NOT EXISTS pacs_request_log (
+    request_id      BIGSERIAL PRIMARY KEY,
+    pacs_key        TEXT NOT NULL REFERENCES pacs_budgets (pacs_key) ON DELETE CASCADE,
+    sent_at         TIMESTAMPTZ NOT NULL,            -- grant time on the database clock
+    what            TEXT NOT NULL                    -- associate, C-ECHO, C-FIND, C-MOVE, C-GET
+);
+CREATE INDEX IF NOT EXISTS pacs_request_log_key_idx ON pacs_request_log (pacs_key, sent_at);
+
 CREATE OR REPLACE FUNCTION dicom_assets_touch_date_modified() RETURNS trigger AS $$
 BEGIN
     NEW.date_modified = now();

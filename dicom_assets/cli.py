@@ -33,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--slices", type=int, default=24, help="slices per series")
     demo.add_argument("--size", type=int, default=256, help="rows and columns of each slice")
 
+    dev = sub.add_parser("dev", help="the Dagster UI on 127.0.0.1 over the demo world (what `make dev` runs)")
+    dev.add_argument("--workdir", type=Path, default=Path("demo-work"), help="the demo's work dir (default: demo-work)")
+    dev.add_argument("--ui-port", type=int, default=3000, help="Dagster UI port on 127.0.0.1 (default 3000)")
+
     sync = sub.add_parser("sync", help="one complete pass against the configured PACS (runs show in the Dagster UI)")
     sync.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
     sync.add_argument("--no-progress", action="store_true", help="no progress display")
@@ -47,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--ae-title", default="DEVPACS")
     serve.add_argument("--move-destination", type=_move_destination, action="append", default=[], metavar="AE=HOST:PORT")
+    serve.add_argument(
+        "--reset-above-per-minute", type=int, default=0, metavar="N",
+        help="fault injection: abort every open association when more than N requests (associations and "
+             "C-ECHO/FIND/MOVE/GET) arrive within 60 s, like a PACS that resets overloaded connections (0 = off; "
+             "the window follows $DICOM_ASSETS_BUDGET_WINDOW_S when set)",
+    )  # fmt: skip
+    serve.add_argument(
+        "--drop-every", type=float, default=0, metavar="SECONDS",
+        help="fault injection: abort every open association every SECONDS, like a nightly network reset (0 = off)",
+    )  # fmt: skip
     generate = pacs.add_parser("generate", help="write a synthetic CT cohort into a folder")
     generate.add_argument("--dir", type=Path, required=True)
     generate.add_argument("--patients", type=int, default=3)
@@ -98,7 +112,16 @@ def cmd_pacs(args: argparse.Namespace) -> int:
     from dicom_assets import devpacs
 
     if args.pacs_command == "serve":
-        devpacs.serve_forever(args.dir, args.port, ae_title=args.ae_title, host=args.host, move_destinations=dict(args.move_destination))
+        from dicom_assets.pacs.budget import budget_window_s
+
+        if args.reset_above_per_minute < 0 or args.drop_every < 0:
+            print("dicom-assets: --reset-above-per-minute and --drop-every must be >= 0", file=sys.stderr)
+            return 2
+        devpacs.serve_forever(
+            args.dir, args.port, ae_title=args.ae_title, host=args.host, move_destinations=dict(args.move_destination),
+            reset_above_per_minute=args.reset_above_per_minute, drop_every_s=args.drop_every,
+            window_s=budget_window_s(),
+        )  # fmt: skip
         return 0
     if args.pacs_command == "generate":
         spec = devpacs.CohortSpec(
@@ -119,6 +142,12 @@ def cmd_pacs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dev(args: argparse.Namespace) -> int:
+    from dicom_assets.dev import run_dev
+
+    return run_dev(args.workdir, ui_port=args.ui_port)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from dicom_assets.demo import run_demo
 
@@ -132,7 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"sync": cmd_sync, "status": cmd_status, "pacs": cmd_pacs, "demo": cmd_demo}
+    handlers = {"sync": cmd_sync, "status": cmd_status, "pacs": cmd_pacs, "demo": cmd_demo, "dev": cmd_dev}
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

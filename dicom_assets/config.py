@@ -7,8 +7,10 @@ person reading it is usually setting the project up for the first time.
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import os
 import re
+from datetime import time as dtime
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -18,6 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 CONFIG_ENV_VAR = "DICOM_ASSETS_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_CLOCK = r"([01]\d|2[0-3]):([0-5]\d)(?::([0-5]\d))?"
+_BLACKOUT = re.compile(rf"^\s*{_CLOCK}\s*-\s*{_CLOCK}\s*$")
 
 
 class ConfigError(ValueError):
@@ -44,16 +48,77 @@ class PacsSettings(_Section):
     max_concurrent_associations: int = Field(2, ge=1, le=32)
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
+    max_attempts: int = Field(5, ge=1, description="attempts per series, counted across runs")
+    wait_for_pacs_s: float = Field(600.0, ge=0, description="how long a run waits for an unreachable PACS")
+    retry_initial_s: float = Field(2.0, gt=0, description="first backoff delay (exponential, with jitter)")
+    retry_max_s: float = Field(120.0, gt=0, description="longest backoff delay")
+    blackout: list[str] = Field(default_factory=list, description='"HH:MM-HH:MM" local time, no new requests')
+    max_find_results: int = Field(0, ge=0, description="the PACS's C-FIND result cap (0 = none)")
 
     _ae = field_validator("called_ae_title", "calling_ae_title")(_check_ae_title)
+
+    @field_validator("blackout")
+    @classmethod
+    def _blackout_windows(cls, value: list[str]) -> list[str]:
+        for window in value:
+            blackout_window(window)
+        return value
+
+    @model_validator(mode="after")
+    def _backoff_order(self) -> "PacsSettings":
+        if self.retry_max_s < self.retry_initial_s:
+            raise ValueError("retry_max_s must be >= retry_initial_s")
+        return self
+
+    def blackout_windows(self) -> list[tuple[dtime, dtime]]:
+        """The blackout windows as (start, end) local times; end <= start crosses midnight."""
+        return [blackout_window(w) for w in self.blackout]
+
+
+def blackout_window(text: str) -> tuple[dtime, dtime]:
+    """Parse ``"HH:MM-HH:MM"`` (seconds optional) into (start, end) local times."""
+    match = _BLACKOUT.match(text) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f'{text!r} is not a window like "02:50-03:20" (HH:MM-HH:MM, local time)')
+    g = match.groups()
+    start = dtime(int(g[0]), int(g[1]), int(g[2] or 0))
+    end = dtime(int(g[3]), int(g[4]), int(g[5] or 0))
+    if start == end:
+        raise ValueError(f"{text!r} is an empty window (start equals end)")
+    return start, end
 
 
 class ReceiverSettings(_Section):
     ae_title: str = "DICOM_ASSETS"
     bind_address: str = "127.0.0.1"
     port: int = Field(11113, ge=0, le=65535)
+    allowed_ae_titles: list[str] | None = None  # default: [pacs.called_ae_title]
+    allowed_hosts: list[str] | None = None  # IP addresses; default: any host
 
     _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_ae_titles")
+    @classmethod
+    def _allowed_titles(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must list at least one AE title (leave it out to allow only pacs.called_ae_title)")
+            for title in value:
+                _check_ae_title(title)
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_ips(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("must list at least one IP address (leave it out to allow any host)")
+            for host in value:
+                try:
+                    ipaddress.ip_address(host)
+                except ValueError:
+                    raise ValueError(f"{host!r} is not an IP address") from None
+        return value
 
 
 class SelectionSettings(_Section):
@@ -103,8 +168,26 @@ class ArchiveSettings(_Section):
         return value
 
 
+def mask_url(url: str) -> str:
+    """A database URL fit for logs and errors: the password replaced by ``***``."""
+    try:
+        import sqlalchemy as sa
+
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - unparsable: hide everything between :// and @
+        return re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", url)
+
+
 class DatabaseSettings(_Section):
-    url: str = "sqlite:///dicom_assets.sqlite"
+    url: str = Field("sqlite:///dicom_assets.sqlite", repr=False)
+
+    def __repr_args__(self):  # type: ignore[no-untyped-def]
+        yield "url", mask_url(self.url)
+
+    @property
+    def masked_url(self) -> str:
+        """:attr:`url` with the password hidden (for logs, metadata and errors)."""
+        return mask_url(self.url)
 
     @field_validator("url")
     @classmethod
@@ -195,6 +278,11 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     except yaml.YAMLError as exc:
         raise ConfigError(f"{file} is not valid YAML: {exc}") from None
     return settings_from_dict(raw, str(file), base_dir=file.resolve().parent)
+
+
+def receiver_allowed_ae_titles(settings: Settings) -> list[str]:
+    """Calling AE titles the storage SCP accepts: receiver.allowed_ae_titles, else the PACS's."""
+    return list(settings.receiver.allowed_ae_titles or [settings.pacs.called_ae_title])
 
 
 def load_selection_rule(selection: SelectionSettings) -> Callable[[Any], bool]:

@@ -5,26 +5,50 @@ series one at a time in the state DB, so concurrent runs never fetch the same se
 claim left by a crashed process expires. A series is ``complete`` only when the retrieve's final
 status is success with no failed sub-operation AND every expected instance is on disk;
 otherwise it is ``incomplete`` (something is missing) or ``failed`` (the request failed), with
-the reason and the attempt count recorded.
+the reason and the attempt count recorded. A Warning final (B000) counts as success only when
+every expected instance is on disk.
+
+Faults: before claiming anything a worker makes sure the PACS answers (C-ECHO), waiting up to
+``pacs.wait_for_pacs_s`` with backoff, so an outage burns no series attempts. A series whose
+attempt hit a connection fault or an A7xx/C0xx status is retried in the same run after an
+exponential backoff with jitter (every worker holds back meanwhile). Every attempt is counted
+in the state DB; a series that used ``pacs.max_attempts`` attempts ends ``failed`` with its last
+error and is no longer claimed (raise ``pacs.max_attempts`` or reset ``series.attempts`` to
+retry it). A full or read-only download directory stops the run with an error naming the path.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
+
 from dicom_assets.config import Settings
 from dicom_assets.layout import instances_on_disk, series_dir
-from dicom_assets.pacs.client import MoveDestinationUnknown, PacsClient, PacsError, PacsSession, RetrieveStatus
-from dicom_assets.pacs.receiver import InFlightRetrieve, InstanceSink, StorageReceiver
+from dicom_assets.pacs.client import (
+    MoveDestinationUnknown,
+    PacsClient,
+    PacsError,
+    PacsRequestFailed,
+    PacsSession,
+    RetrieveStatus,
+    is_transient,
+    transient_status,
+)
+from dicom_assets.pacs.receiver import DISK_ERRNOS, InFlightRetrieve, InstanceSink, StorageReceiver
 from dicom_assets.store import SeriesState, StateStore
+from dicom_assets.store.records import RETRIEVABLE
 
 log = logging.getLogger("dicom_assets.retrieval")
 
@@ -40,6 +64,19 @@ class SeriesOutcome:
     bytes_received: int
     seconds: float
     error: str | None = None
+    transient: bool = False  # a connection fault or an A7xx/C0xx status: worth a retry after backoff
+    attempts: int = 0  # attempts of this series so far, across runs (from the state DB)
+    storage_errno: int | None = None  # errno of a local write failure (disk full, read-only ...)
+
+
+class DownloadDirError(RuntimeError):
+    """The download directory cannot take files (full, read-only, permission denied): run stops."""
+
+
+class _Transient(Exception):
+    def __init__(self, outcome: SeriesOutcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
 
 
 @dataclass
@@ -123,35 +160,76 @@ class SeriesRetriever:
         """One attempt at one series; returns the outcome and the expected count it learned."""
         started = time.monotonic()
         directory = series_dir(self.download_dir, series.patient_id, series.study_instance_uid, series.series_instance_uid)
-        on_disk = instances_on_disk(directory)
         expected = series.expected_instances
         missing: list[str] | None = None
         flight: InFlightRetrieve | None = None
         try:
+            on_disk = instances_on_disk(directory)
             if expected is None or 0 < len(on_disk) < expected:
-                uids = self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
-                expected = len(uids)
-                missing = [u for u in uids if u not in on_disk]
-                if on_disk and not missing:
-                    return self._outcome(series, directory, started, "complete", None), expected
+                uids = self._instance_uids(series)
+                if uids is not None and self._capped(uids):
+                    log.warning(
+                        "series %s: the IMAGE-level query hit pacs.max_find_results; retrieving the whole series",
+                        series.series_instance_uid,
+                    )
+                    expected = max(expected, len(uids)) if expected is not None else None
+                elif uids is not None:
+                    expected = len(uids)
+                    missing = [u for u in uids if u not in on_disk]
+                    if on_disk and not missing:
+                        return self._outcome(series, directory, started, "complete", None), expected
             elif len(on_disk) >= expected:
                 return self._outcome(series, directory, started, "complete", None), expected
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                error = f"cannot create the series directory {directory}: {exc.strerror or exc}"
+                return self._outcome(series, directory, started, "failed", error, storage_errno=exc.errno), expected
             flight = self.sink.expect(series.patient_id, series.study_instance_uid, series.series_instance_uid)
-            final = self._send(series, missing if on_disk else None)
+            final = self._send(series, missing if on_disk and missing else None)
             before = len(on_disk)
-            flight.wait_for_stragglers(
-                lambda: before + flight.received >= (expected or 0) and bool(expected),
-                self.settings.pacs.straggler_timeout_s,
-            )
+            if not (final.started_nothing and flight.received == 0):  # else nothing is on its way
+                flight.wait_for_stragglers(
+                    lambda: before + flight.received >= (expected or 0) and bool(expected),
+                    self.settings.pacs.straggler_timeout_s,
+                )
             status, error = self._judge(final, directory, expected, flight)
-            return self._outcome(series, directory, started, status, error, flight.bytes), expected
+            return (
+                self._outcome(
+                    series, directory, started, status, error, flight.bytes,
+                    transient=final.transient and not flight.last_error, storage_errno=flight.last_errno,
+                ),
+                expected,
+            )  # fmt: skip
         except MoveDestinationUnknown:
             raise
         except PacsError as exc:
-            return self._outcome(series, directory, started, "failed", str(exc), flight.bytes if flight else 0), expected
+            received = flight.bytes if flight else 0
+            return self._outcome(series, directory, started, "failed", str(exc), received, transient=is_transient(exc)), expected
+        except OSError as exc:  # reading the series directory (e.g. a file where a directory must be)
+            error = f"cannot read the series directory {directory}: {exc.strerror or exc}"
+            return self._outcome(series, directory, started, "failed", error, storage_errno=exc.errno), expected
         finally:
             if flight is not None:
                 self.sink.done(flight)
+
+    def _capped(self, found: list[str]) -> bool:
+        cap = self.settings.pacs.max_find_results
+        return bool(cap) and len(found) >= cap
+
+    def _instance_uids(self, series: SeriesState) -> list[str] | None:
+        """The series' SOP Instance UIDs from an IMAGE-level C-FIND; None (count unknown) when the
+        PACS refuses IMAGE-level queries. Transient failures propagate (the attempt is retried)."""
+        try:
+            return self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
+        except PacsRequestFailed as exc:
+            if transient_status(exc.status):
+                raise
+            log.warning(
+                "series %s: no instance count (NumberOfSeriesRelatedInstances absent and %s); "
+                "retrieving the whole series with the count unknown", series.series_instance_uid, exc,
+            )  # fmt: skip
+            return None
 
     def _send(self, series: SeriesState, sop_uids: list[str] | None) -> RetrieveStatus:
         if self.settings.pacs.retrieve_method == "c-get":
@@ -162,18 +240,36 @@ class SeriesRetriever:
 
     @staticmethod
     def _judge(final: RetrieveStatus, directory: Path, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:
-        have = len(instances_on_disk(directory))
+        """Complete only if the final is Success/Warning and every expected instance is on disk.
+
+        With the expected count unknown, only a clean Success (no failed sub-operation) counts.
+        """
+        have = len(_on_disk(directory))
         if flight.last_error:
             return "incomplete", flight.last_error
-        if not final.succeeded:
+        if final.status != 0x0000 and not final.is_warning:
             return "incomplete", f"retrieve ended with {final.describe()}; {have} of {expected} instances on disk"
-        if expected is not None and have < expected:
-            return "incomplete", f"retrieve reported success but only {have} of {expected} instances are on disk"
+        if expected is None:
+            if final.succeeded:
+                return "complete", None
+            return "incomplete", f"retrieve ended with {final.describe()} and the expected instance count is unknown"
+        if have < expected:
+            what = "reported success" if final.succeeded else f"ended with {final.describe()}"
+            return "incomplete", f"retrieve {what} but only {have} of {expected} instances are on disk"
         return "complete", None
 
     @staticmethod
-    def _outcome(series: SeriesState, directory: Path, started: float, status: str, error: str | None, received: int = 0) -> SeriesOutcome:
-        files = instances_on_disk(directory)
+    def _outcome(
+        series: SeriesState,
+        directory: Path,
+        started: float,
+        status: str,
+        error: str | None,
+        received: int = 0,
+        transient: bool = False,
+        storage_errno: int | None = None,
+    ) -> SeriesOutcome:
+        files = _on_disk(directory)
         return SeriesOutcome(
             series_instance_uid=series.series_instance_uid,
             status=status,
@@ -182,7 +278,44 @@ class SeriesRetriever:
             bytes_received=received,
             seconds=time.monotonic() - started,
             error=error,
+            transient=transient,
+            attempts=series.attempts,
+            storage_errno=storage_errno,
         )
+
+
+def _on_disk(directory: Path) -> dict[str, int]:
+    try:
+        return instances_on_disk(directory)
+    except OSError:
+        return {}
+
+
+def _has_work(store: StateStore, patient_ids: Sequence[str], max_attempts: int) -> bool:
+    """Whether claim_next_series could return anything (so an idle run sends no request)."""
+    now = datetime.now(timezone.utc)
+    for pid in dict.fromkeys(patient_ids):
+        for s in store.series_of(pid):
+            if s.download_status in RETRIEVABLE and (s.download_status == "pending" or s.attempts < max_attempts):
+                return True
+            if s.download_status == "in_progress" and (s.claim_expires_at is None or s.claim_expires_at < now):
+                if s.attempts < max_attempts:
+                    return True
+    return False
+
+
+def check_download_dir(download_dir: Path) -> None:
+    """Fail early, naming the path, when the download directory cannot take a file."""
+    probe = download_dir / f".write-test.{uuid.uuid4().hex[:12]}"
+    try:
+        download_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as exc:
+        raise DownloadDirError(
+            f"paths.download_dir {download_dir} cannot take files: {exc.strerror or exc} "
+            f"(check free space, permissions and that it is a directory)"
+        ) from exc
 
 
 def retrieve_patients(
@@ -192,43 +325,56 @@ def retrieve_patients(
     patient_ids: Sequence[str],
     on_outcome: Callable[[SeriesOutcome], None] | None = None,
 ) -> RetrievalStats:
-    """Retrieve every retrievable series of these patients with up to N concurrent associations."""
+    """Retrieve every retrievable series of these patients with up to N concurrent associations.
+
+    Raises :class:`~dicom_assets.pacs.client.PacsUnreachable` when the PACS did not answer for
+    ``pacs.wait_for_pacs_s`` (no series attempt burned), :class:`DownloadDirError` when the
+    download directory cannot take files, and MoveDestinationUnknown (A801).
+    """
     started = time.monotonic()
     stats = RetrievalStats()
+    max_attempts = settings.pacs.max_attempts
+    if not _has_work(store, patient_ids, max_attempts):
+        return stats
+    check_download_dir(settings.paths.download_dir)
     lock = threading.Lock()
-    attempted: set[str] = set()  # one attempt per series per run: a failing series never loops
+    stop = threading.Event()  # one worker hit a fatal error: the others claim nothing more
+    attempted: set[str] = set()  # one series per run is retried only within its own backoff loop
     receiver: StorageReceiver | None = None
     if settings.pacs.retrieve_method == "c-move":
-        r = settings.receiver
-        receiver = StorageReceiver(r.ae_title, r.bind_address, r.port, settings.paths.download_dir).start()
+        receiver = StorageReceiver.from_settings(settings).start()
     try:
 
         def work() -> None:
             me = worker_name()
             sink = receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
             on_store = None if receiver else sink.handle_store
-            with client.session(on_store=on_store) as session:
-                retriever = SeriesRetriever(settings, client, sink, session)
-                while True:
+            try:
+                with client.session(on_store=on_store) as session:
+                    retriever = SeriesRetriever(settings, client, sink, session)
+                    while not stop.is_set():
+                        if not session.connected:
+                            session.wait_until_reachable()  # an outage burns no attempts
+                        with lock:  # claim and note it at once, so no worker claims it again this run
+                            series = store.claim_next_series(
+                                patient_ids, me, CLAIM_LEASE_S, exclude=frozenset(attempted), max_attempts=max_attempts
+                            )
+                            if series is not None:
+                                attempted.add(series.series_instance_uid)
+                        if series is None:
+                            break
+                        outcome = _retrieve_with_retries(settings, client, store, session, retriever, series, me)
+                        with lock:
+                            stats.outcomes.append(outcome)
+                        if on_outcome:
+                            on_outcome(outcome)
+                        if outcome.storage_errno in DISK_ERRNOS:
+                            raise DownloadDirError(f"stopping: {outcome.error}")
                     with lock:
-                        exclude = frozenset(attempted)
-                    series = store.claim_next_series(patient_ids, me, CLAIM_LEASE_S, exclude=exclude)
-                    if series is None:
-                        break
-                    with lock:
-                        attempted.add(series.series_instance_uid)
-                    try:
-                        outcome, expected = retriever.retrieve(series)
-                    except MoveDestinationUnknown as exc:
-                        store.finish_series(series.series_instance_uid, me, "failed", 0, 0, error=str(exc))
-                        raise
-                    _record(store, series, me, outcome, expected)
-                    with lock:
-                        stats.outcomes.append(outcome)
-                    if on_outcome:
-                        on_outcome(outcome)
-                with lock:
-                    stats.requests += session.requests
+                        stats.requests += session.requests
+            except BaseException:
+                stop.set()
+                raise
 
         workers = settings.pacs.max_concurrent_associations
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieve") as pool:
@@ -241,9 +387,75 @@ def retrieve_patients(
     return stats
 
 
-def _record(store: StateStore, series: SeriesState, worker: str, outcome: SeriesOutcome, expected: int | None) -> None:
+def _retrieve_with_retries(
+    settings: Settings,
+    client: PacsClient,
+    store: StateStore,
+    session: PacsSession,
+    retriever: SeriesRetriever,
+    series: SeriesState,
+    worker: str,
+) -> SeriesOutcome:
+    """Attempt a claimed series; after a transient failure back off (exponential, jitter) and
+    claim it again (each claim is one attempt in the state DB) until ``pacs.max_attempts``."""
+    max_attempts = settings.pacs.max_attempts
+    current = series
+    last: SeriesOutcome | None = None
+
+    def hold(state: RetryCallState) -> None:
+        delay = state.next_action.sleep if state.next_action else 0.0
+        client.gate.hold(delay)  # every worker holds back, not only this one
+        log.warning("series %s: retrying in %.1f s", series.series_instance_uid, delay)
+
+    retrying = Retrying(
+        retry=retry_if_exception_type(_Transient),
+        stop=stop_after_attempt(max_attempts),
+        wait=client.backoff(),
+        sleep=lambda seconds: None,  # the gate hold does the waiting, before the next request
+        before_sleep=hold,
+        reraise=True,
+    )
+    try:
+        for attempt in retrying:
+            with attempt:
+                if attempt.retry_state.attempt_number > 1:
+                    client.gate.wait()
+                    if not session.connected:
+                        session.wait_until_reachable()
+                    again = store.claim_next_series(
+                        [series.patient_id], worker, CLAIM_LEASE_S, only=[series.series_instance_uid],
+                        max_attempts=max_attempts,
+                    )  # fmt: skip
+                    if again is None:  # attempts used up, or another worker/run has it now
+                        assert last is not None
+                        return last
+                    current = again
+                try:
+                    outcome, expected = retriever.retrieve(current)
+                except MoveDestinationUnknown as exc:
+                    store.finish_series(current.series_instance_uid, worker, "failed", 0, 0, error=str(exc))
+                    raise
+                last = _record(store, current, worker, outcome, expected, max_attempts)
+                if last.transient and last.status != "complete" and current.attempts < max_attempts:
+                    raise _Transient(last)
+                return last
+    except _Transient as exc:
+        return exc.outcome
+    assert last is not None
+    return last
+
+
+def _record(
+    store: StateStore, series: SeriesState, worker: str, outcome: SeriesOutcome, expected: int | None, max_attempts: int
+) -> SeriesOutcome:
+    if outcome.status != "complete" and series.attempts >= max_attempts:
+        outcome = dataclasses.replace(
+            outcome,
+            status="failed",
+            error=f"gave up after {series.attempts} attempts (pacs.max_attempts={max_attempts}): {outcome.error}",
+        )
     if outcome.status != "complete":
-        log.warning("series %s %s: %s", series.series_instance_uid, outcome.status, outcome.error)
+        log.warning("series %s %s (attempt %d): %s", series.series_instance_uid, outcome.status, series.attempts, outcome.error)
     store.finish_series(
         series.series_instance_uid,
         worker,
@@ -253,3 +465,4 @@ def _record(store: StateStore, series: SeriesState, worker: str, outcome: Series
         error=outcome.error,
         expected_instances=expected,
     )
+    return outcome

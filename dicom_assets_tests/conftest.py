@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 import sqlalchemy as sa
 
+os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 

@@ -107,3 +107,42 @@ def test_selection_function_is_loaded_and_bad_paths_fail_clearly() -> None:
 
 def test_default_selection_keeps_everyone() -> None:
     assert load_selection_rule(settings_from_dict(MINIMAL).selection)(_patient("anything"))
+
+
+def test_new_pacs_and_receiver_keys_have_defaults_and_are_validated() -> None:
+    settings = settings_from_dict(MINIMAL)
+    assert settings.pacs.max_attempts == 5 and settings.pacs.wait_for_pacs_s == 600
+    assert settings.pacs.blackout == [] and settings.pacs.max_find_results == 0
+    assert settings.receiver.allowed_ae_titles is None and settings.receiver.allowed_hosts is None
+    with pytest.raises(ConfigError, match=r"pacs\.blackout: .*HH:MM-HH:MM"):
+        settings_from_dict({**MINIMAL, "pacs": {**MINIMAL["pacs"], "blackout": ["25:00-03:00"]}})
+    with pytest.raises(ConfigError, match=r"receiver\.allowed_hosts: 'pacs\.example' is not an IP address"):
+        settings_from_dict({**MINIMAL, "receiver": {"allowed_hosts": ["pacs.example"]}})
+    with pytest.raises(ConfigError, match=r"pacs\.max_attempts"):
+        settings_from_dict({**MINIMAL, "pacs": {**MINIMAL["pacs"], "max_attempts": 0}})
+
+
+def test_database_password_never_shows_in_repr_errors_or_logs(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    import socket
+
+    from dicom_assets.store import StateStore
+
+    monkeypatch.setenv("DB_PASSWORD", "s3cret-pw")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there once closed
+    settings = settings_from_dict({**MINIMAL, "database": {"url": f"postgresql://u:${{DB_PASSWORD}}@127.0.0.1:{port}/db"}})
+    assert settings.database.url.endswith(f"u:s3cret-pw@127.0.0.1:{port}/db")  # the real value is used
+    logging.getLogger("test").warning("settings: %s / %r", settings, settings.database)
+    assert "s3cret-pw" not in repr(settings) and "s3cret-pw" not in str(settings)
+    assert "u:***@127.0.0.1" in repr(settings.database) and settings.database.masked_url.startswith("postgresql://u:***@")
+    store = StateStore(settings.database.url)
+    with pytest.raises(Exception) as failure:
+        store.create_schema()
+    store.dispose()
+    assert "s3cret-pw" not in str(failure.value) and "s3cret-pw" not in repr(failure.value)
+    with pytest.raises(ConfigError) as bad:
+        settings_from_dict({**MINIMAL, "database": {"url": "mysql://u:${DB_PASSWORD}@h/db"}})
+    assert "s3cret-pw" not in str(bad.value)
+    assert "s3cret-pw" not in caplog.text

@@ -106,16 +106,21 @@ def test_more_expected_than_the_pacs_has_is_incomplete_not_complete(world) -> No
     assert state.download_status == "incomplete" and "of 99" in (state.last_error or "")
 
 
-def test_pacs_down_marks_failed_with_reason_and_attempts(world, tmp_path: Path) -> None:
+def test_pacs_down_waits_then_stops_without_burning_attempts(world, tmp_path: Path) -> None:
+    from dicom_assets.pacs.client import PacsUnreachable
+
     cohort, settings, store, client, pacs = world
     pacs.stop()
     settings.pacs.timeout_s = 2
+    settings.pacs.wait_for_pacs_s = 1.0
+    settings.pacs.retry_initial_s = 0.2
+    settings.pacs.retry_max_s = 0.4
     patient = cohort.series[0].patient_id
-    stats = retrieve_patients(settings, PacsClient(settings.pacs), store, [patient])
-    assert len(stats.outcomes) == 2 and all(o.status == "failed" for o in stats.outcomes)  # one attempt each
-    state = store.get_series(cohort.series[0].series_instance_uid)
-    assert state.download_status == "failed" and state.attempts == 1
-    assert "cannot associate" in state.last_error
+    with pytest.raises(PacsUnreachable, match="did not answer for 1 s"):
+        retrieve_patients(settings, PacsClient(settings.pacs), store, [patient])
+    for s in cohort.series:
+        state = store.get_series(s.series_instance_uid)
+        assert state.download_status == "pending" and state.attempts == 0  # nothing claimed
 
 
 def test_claims_of_a_killed_process_are_released_at_once(world) -> None:

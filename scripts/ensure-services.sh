@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Make sure the services the integration tests use are running on this machine:
-# PostgreSQL on 127.0.0.1:5432 (trust auth). Installs it from Debian's packages when missing
-# (as root), starts the cluster when it is installed but stopped. With DATABASE_URL set, the
-# tests use that server instead and nothing is started here.
+# Make sure the services the integration tests use are available on this machine:
+# * PostgreSQL on 127.0.0.1:5432 (trust auth). Installs it from Debian's packages when missing
+#   (as root), starts the cluster when it is installed but stopped. With DATABASE_URL set, the
+#   tests use that server instead and nothing is started here.
+# * Orthanc (/usr/sbin/Orthanc) and DCMTK, installed from Debian's packages when missing. The
+#   tests start their own throwaway Orthanc on free loopback ports; the Debian *service* (port
+#   4242/8042, config /etc/orthanc) is stopped and its autostart disabled so it cannot interfere.
+# Without root (or sudo) nothing is installed; the script says what to run. Under CI=true a
+# missing Orthanc is an error (the Orthanc tests would fail), elsewhere a warning (they skip).
 set -euo pipefail
 
 say() { echo "ensure-services: $*" >&2; }
@@ -33,4 +38,50 @@ else
   for _ in $(seq 1 30); do pg_up && break; sleep 1; done
   pg_up || { say "PostgreSQL did not come up on 127.0.0.1:5432"; exit 1; }
   say "PostgreSQL started"
+fi
+
+# --- Orthanc and DCMTK ---------------------------------------------------------------------------
+missing=()
+[ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
+command -v storescu >/dev/null || missing+=(dcmtk)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing ${missing[*]} from Debian's packages"
+  as_root apt-get update -qq || true
+  if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; then
+    say "cannot install ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' (the Orthanc tests skip without it)"
+    [ "${CI:-}" = "true" ] && exit 1
+  fi
+fi
+
+# Orthanc processes running Debian's configuration (/etc/orthanc), i.e. the system service; the
+# tests' own Orthancs run with a config file in a temp directory and are never touched.
+system_orthanc_pids() {
+  local pid
+  for pid in $(pgrep -x Orthanc 2>/dev/null || true); do
+    if tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q '/etc/orthanc'; then echo "$pid"; fi
+  done
+}
+
+if [ -e /etc/init.d/orthanc ] || [ -e /lib/systemd/system/orthanc.service ]; then
+  # No autostart at boot or after an upgrade.
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now orthanc >/dev/null 2>&1 || true
+  else
+    as_root update-rc.d orthanc disable >/dev/null 2>&1 || true
+  fi
+  pids=$(system_orthanc_pids)
+  if [ -n "$pids" ]; then
+    # Not 'service orthanc stop': Debian's init script also stops every process running
+    # /usr/sbin/Orthanc (start-stop-daemon --exec), including other test runs' Orthancs.
+    say "stopping the system Orthanc service (pid $(echo $pids)) so it cannot interfere with the tests"
+    as_root kill -TERM $pids 2>/dev/null || true
+    for _ in $(seq 1 20); do [ -z "$(system_orthanc_pids)" ] && break; sleep 0.5; done
+    pids=$(system_orthanc_pids)
+    [ -n "$pids" ] && { as_root kill -KILL $pids 2>/dev/null || true; }
+    as_root rm -f /run/orthanc.pid || true
+    [ -z "$(system_orthanc_pids)" ] || say "the system Orthanc is still running: stop it with 'sudo service orthanc stop'"
+  fi
+fi
+if [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null; then
+  say "Orthanc $( (/usr/sbin/Orthanc --version 2>/dev/null || Orthanc --version) | head -n1 | awk '{print $2}') is installed; no system Orthanc service running"
 fi

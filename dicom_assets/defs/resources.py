@@ -12,7 +12,7 @@ from typing import Sequence
 import dagster as dg
 
 from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_selection_rule, load_settings
-from dicom_assets.pacs.budget import SlidingWindowBudget
+from dicom_assets.pacs.budget import DatabaseBudget, budget_window_s, pacs_key
 from dicom_assets.pacs.client import PacsClient
 from dicom_assets.store import StateStore
 
@@ -30,9 +30,10 @@ def _store(url: str) -> StateStore:
 
 
 @functools.lru_cache(maxsize=8)
-def _budget(host: str, port: int, per_minute: int) -> SlidingWindowBudget:
-    """One budget per PACS per process, shared by every client and thread."""
-    return SlidingWindowBudget(per_minute)
+def _budget(url: str, key: str, per_minute: int, window_s: float) -> DatabaseBudget:
+    """The PACS's request budget, kept in the state DB: shared by every thread, process and run
+    that talks to this PACS (``host:port/called_ae``) through this state DB."""
+    return DatabaseBudget(_store(url), key, per_minute, window_s=window_s)
 
 
 class DicomAssetsResource(dg.ConfigurableResource):
@@ -49,8 +50,11 @@ class DicomAssetsResource(dg.ConfigurableResource):
         return _store(self.settings().database.url)
 
     def pacs(self) -> PacsClient:
-        pacs = self.settings().pacs
-        return PacsClient(pacs, _budget(pacs.host, pacs.port, pacs.max_requests_per_minute))
+        settings = self.settings()
+        pacs = settings.pacs
+        key = pacs_key(pacs.host, pacs.port, pacs.called_ae_title)
+        budget = _budget(settings.database.url, key, pacs.max_requests_per_minute, budget_window_s())
+        return PacsClient(pacs, budget)
 
     def selection_rule(self):  # type: ignore[no-untyped-def]
         return load_selection_rule(self.settings().selection)

@@ -21,12 +21,17 @@ How it is put together:
   stand-in and the sending association swaps it for the file path (see
   :func:`_send_files_as_stored`). Only when the peer did not accept the file's own transfer
   syntax is the file decoded and converted (without that, the sub-operation would just fail).
-* Every association and every request passes through :meth:`DevPacs._request`, the one place
-  where fault injection (reset above N requests per minute, drop every N seconds) will hook in.
+* Every association and every request passes through :meth:`DevPacs._request`, which counts it
+  in a sliding window (``peak_requests_per_minute``) and injects the site's faults:
+  ``reset_above_per_minute=N`` aborts every open association when more than N requests arrived in
+  the last ``window_s`` (60) seconds, like the hospital PACS, including the one whose request
+  went over; ``drop_every_s`` aborts every open association periodically, like a nightly network
+  reset. Counters: ``resets_triggered``, ``drops``, ``associations_aborted``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -597,6 +602,11 @@ class DevPacs:
     gets 0xA801. ``max_find_results > 0`` caps C-FIND matches like many hospital PACSes do
     (the final status stays Success, as theirs does). ``rescan_interval_s`` bounds how often
     the folder is rescanned for new or changed files.
+
+    Fault injection (0 = off): ``reset_above_per_minute=N`` aborts every open association when a
+    request (an association or a C-ECHO/C-FIND/C-MOVE/C-GET) arrives with more than N requests in
+    the last ``window_s`` seconds; ``drop_every_s`` aborts every open association that often.
+    ``window_s`` (60) is shortened by tests only.
     """
 
     def __init__(
@@ -609,7 +619,14 @@ class DevPacs:
         max_find_results: int = 0,
         *,
         rescan_interval_s: float = 0.5,
+        reset_above_per_minute: int = 0,
+        drop_every_s: float = 0,
+        window_s: float = 60.0,
     ) -> None:
+        if reset_above_per_minute < 0 or drop_every_s < 0:
+            raise ValueError("reset_above_per_minute and drop_every_s must be >= 0 (0 = off)")
+        if window_s <= 0:
+            raise ValueError("window_s must be > 0")
         self.storage_dir = Path(storage_dir)
         self.ae_title = ae_title
         self.host = host
@@ -621,6 +638,18 @@ class DevPacs:
         self._served = 0
         self._served_by_kind: dict[str, int] = {}
         self._ae: _DevPacsAE | None = None
+        self._server: Any = None
+        # Fault injection and the request-rate counters behind it.
+        self.reset_above_per_minute = int(reset_above_per_minute)
+        self.drop_every_s = float(drop_every_s)
+        self.window_s = float(window_s)
+        self._arrivals: collections.deque[float] = collections.deque()
+        self._peak = 0
+        self._resets = 0
+        self._drops = 0
+        self._aborted = 0
+        self._stop_drops = threading.Event()
+        self._drop_thread: threading.Thread | None = None
 
     # ---- lifecycle
 
@@ -638,7 +667,12 @@ class DevPacs:
         server = ae.start_server((self.host, self.port), block=False, evt_handlers=self._handlers())
         assert server is not None
         self._ae = ae
+        self._server = server
         self.port = int(server.server_address[1])
+        if self.drop_every_s > 0:
+            self._stop_drops.clear()
+            self._drop_thread = threading.Thread(target=self._drop_loop, name="devpacs-drops", daemon=True)
+            self._drop_thread.start()
         LOGGER.info(
             "DevPacs %s serving %d instances from %s on %s:%d",
             self.ae_title, len(catalog.instances), self.storage_dir, self.host, self.port,
@@ -648,6 +682,11 @@ class DevPacs:
     def stop(self) -> None:
         """Stop listening and end every association (idempotent)."""
         ae, self._ae = self._ae, None
+        self._stop_drops.set()
+        drop_thread, self._drop_thread = self._drop_thread, None
+        if drop_thread is not None:
+            drop_thread.join()
+        self._server = None
         if ae is not None:
             ae.shutdown()
             LOGGER.info("DevPacs %s on port %d stopped", self.ae_title, self.port)
@@ -676,6 +715,36 @@ class DevPacs:
         with self._lock:
             return dict(self._served_by_kind)
 
+    @property
+    def peak_requests_per_minute(self) -> int:
+        """The most requests (as counted by :attr:`requests_served`) seen in any ``window_s``
+        window so far, the requests that triggered a reset included."""
+        with self._lock:
+            return self._peak
+
+    @property
+    def resets_triggered(self) -> int:
+        """Requests that arrived with more than ``reset_above_per_minute`` in the window (each
+        aborted every open association)."""
+        with self._lock:
+            return self._resets
+
+    @property
+    def drops(self) -> int:
+        """Periodic drops done by ``drop_every_s`` (each aborted every open association)."""
+        with self._lock:
+            return self._drops
+
+    @property
+    def associations_aborted(self) -> int:
+        """Associations aborted by resets and drops."""
+        with self._lock:
+            return self._aborted
+
+    def drop_all(self) -> int:
+        """Abort every open association now (what a reset or a drop does); returns how many."""
+        return self._abort_all()
+
     def rescan(self) -> int:
         """Rescan the folder now (ignoring the interval); returns the number of instances served."""
         return len(self._index.catalog(force=True).instances)
@@ -702,26 +771,79 @@ class DevPacs:
             (evt.EVT_C_GET, self._on_get),
         ]
 
-    def _request(self, kind: str, event: Event) -> None:
-        """Count one association or request: the single hook for future fault injection."""
+    def _request(self, kind: str, event: Event) -> bool:
+        """Count one association or request; True when it went over ``reset_above_per_minute``.
+
+        Then every open association is aborted: the others by a helper thread (a blocking abort
+        waits for the association to end), the caller's own here without blocking (this is its
+        thread); the handler then answers nothing more.
+        """
+        now = time.monotonic()
         with self._lock:
             self._served += 1
             self._served_by_kind[kind] = self._served_by_kind.get(kind, 0) + 1
+            arrivals = self._arrivals
+            arrivals.append(now)
+            while now - arrivals[0] >= self.window_s:
+                arrivals.popleft()
+            in_window = len(arrivals)
+            self._peak = max(self._peak, in_window)
+            reset = 0 < self.reset_above_per_minute < in_window
+            if reset:
+                self._resets += 1
         LOGGER.debug("%s from %s", kind, event.assoc.requestor.ae_title)
+        if reset:
+            LOGGER.warning(
+                "%d requests in %g s (limit %d): resetting every association",
+                in_window, self.window_s, self.reset_above_per_minute,
+            )  # fmt: skip
+            threading.Thread(target=self._abort_all, args=(event.assoc,), name="devpacs-reset", daemon=True).start()
+            event.assoc.abort(block=False)  # queue the A-ABORT; this thread is the association's
+            with self._lock:
+                self._aborted += 1
+        return reset
+
+    def _abort_all(self, spare: Association | None = None) -> int:
+        """Abort every association a client opened with us (not ``spare``); returns how many."""
+        server = self._server
+        if server is None:
+            return 0
+        aborted = 0
+        for assoc in list(server.active_associations):
+            if assoc is spare or assoc.is_aborted or assoc.is_released:
+                continue
+            try:
+                assoc.abort()
+            except Exception as exc:  # noqa: BLE001 - one association that will not die stops no other
+                LOGGER.debug("abort of an association failed: %s", exc)
+                continue
+            aborted += 1
+        with self._lock:
+            self._aborted += aborted
+        return aborted
+
+    def _drop_loop(self) -> None:
+        while not self._stop_drops.wait(self.drop_every_s):
+            with self._lock:
+                self._drops += 1
+            n = self._abort_all()
+            LOGGER.warning("periodic drop: aborted %d association(s)", n)
 
     def _destination(self, ae_title: str | None) -> tuple[str, int] | None:
         with self._lock:
             return self._destinations.get((ae_title or "").strip())
 
     def _on_association(self, event: Event) -> None:
-        self._request("ASSOCIATION", event)
+        self._request("ASSOCIATION", event)  # an abort here means pynetdicom never accepts it
 
     def _on_echo(self, event: Event) -> int:
-        self._request("C-ECHO", event)
+        if self._request("C-ECHO", event):
+            return 0xC000  # never sent: the association is aborted
         return 0x0000
 
     def _on_find(self, event: Event) -> Iterator[tuple[int, Dataset | None]]:
-        self._request("C-FIND", event)
+        if self._request("C-FIND", event):
+            return
         try:
             query = _Query.parse(event.identifier, event.context.abstract_syntax)
         except QueryError as exc:
@@ -739,7 +861,9 @@ class DevPacs:
             yield PENDING, query.response(catalog, group, self.ae_title)
 
     def _on_move(self, event: Event) -> Iterator[Any]:
-        self._request("C-MOVE", event)
+        if self._request("C-MOVE", event):
+            yield None, None  # pynetdicom sees the association is gone and stops here
+            return
         destination = self._destination(event.move_destination)
         if destination is None:
             LOGGER.warning("C-MOVE to unknown destination %r refused", event.move_destination)
@@ -760,7 +884,9 @@ class DevPacs:
         yield from self._sub_operations(event, instances)
 
     def _on_get(self, event: Event) -> Iterator[Any]:
-        self._request("C-GET", event)
+        if self._request("C-GET", event):
+            yield 0  # no sub-operations; the response goes nowhere, the association is gone
+            return
         _send_files_as_stored(event.assoc)
         try:
             instances = self._retrieve_set(event)
@@ -792,8 +918,12 @@ def serve_forever(
     ae_title: str = "DEVPACS",
     host: str = "127.0.0.1",
     move_destinations: Mapping[str, tuple[str, int]] | None = None,
+    reset_above_per_minute: int = 0,
+    drop_every_s: float = 0,
+    window_s: float = 60.0,
 ) -> None:
-    """Serve ``storage_dir`` until SIGINT or SIGTERM (the ``dicom-assets pacs serve`` command)."""
+    """Serve ``storage_dir`` until SIGINT or SIGTERM (the ``dicom-assets pacs serve`` command);
+    the fault-injection arguments are :class:`DevPacs`'s."""
     stop = threading.Event()
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -805,7 +935,10 @@ def serve_forever(
         for signum in (signal.SIGINT, signal.SIGTERM):
             previous[signum] = signal.signal(signum, _on_signal)
     try:
-        with DevPacs(storage_dir, ae_title=ae_title, host=host, port=port, move_destinations=move_destinations):
+        with DevPacs(
+            storage_dir, ae_title=ae_title, host=host, port=port, move_destinations=move_destinations,
+            reset_above_per_minute=reset_above_per_minute, drop_every_s=drop_every_s, window_s=window_s,
+        ):  # fmt: skip
             try:
                 stop.wait()
             except KeyboardInterrupt:

@@ -2,19 +2,39 @@
 
 A :class:`PacsSession` keeps one association open for many requests (an association costs a
 request of the budget too) and reopens it when the PACS dropped it. Every request it sends first
-takes a token from the :class:`~dicom_assets.pacs.budget.RequestBudget`.
+passes the client's :class:`RequestGate` (blackout windows, backoff after the PACS said it is
+overloaded) and then takes a token from the :class:`~dicom_assets.pacs.budget.RequestBudget`.
+
+Faults: :meth:`PacsSession.wait_until_reachable` waits (C-ECHO with exponential backoff and
+jitter, up to ``pacs.wait_for_pacs_s``) for a PACS that refuses, resets or aborts;
+:meth:`PacsSession.retrying` retries a request on those faults and on A7xx/C0xx statuses, up to
+``pacs.max_attempts`` times. C-FINDs that return exactly ``pacs.max_find_results`` are taken as
+truncated and split by StudyDate (then StudyTime) ranges until every part is below the cap.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from datetime import date, datetime, timedelta
+from datetime import time as dtime
+from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
 
 from dicom_assets.config import PacsSettings
 from dicom_assets.pacs.budget import RequestBudget, UnlimitedBudget
@@ -27,6 +47,12 @@ PENDING = (0xFF00, 0xFF01)
 SUCCESS = 0x0000
 WARNING = 0xB000
 MOVE_DESTINATION_UNKNOWN = 0xA801
+T = TypeVar("T")
+
+
+def transient_status(status: int | None) -> bool:
+    """A7xx (refused: out of resources) and C0xx (unable to process): back off and try again."""
+    return status is not None and (0xA700 <= status <= 0xA7FF or 0xC000 <= status <= 0xCFFF)
 
 
 class PacsError(RuntimeError):
@@ -37,6 +63,10 @@ class PacsUnavailable(PacsError):
     """No association could be made or it broke mid-request (refused, reset, aborted, timed out)."""
 
 
+class PacsUnreachable(PacsError):
+    """The PACS stayed unreachable for ``pacs.wait_for_pacs_s``: the run stops (nothing burned)."""
+
+
 class MoveDestinationUnknown(PacsError):
     """The PACS does not know our storage SCP's AE title (status A801)."""
 
@@ -45,6 +75,72 @@ class PacsRequestFailed(PacsError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try after a backoff: connection faults and A7xx/C0xx statuses."""
+    if isinstance(exc, PacsUnavailable):
+        return True
+    return isinstance(exc, PacsRequestFailed) and transient_status(exc.status)
+
+
+class RequestGate:
+    """Holds back new requests: during blackout windows (local time) and after backoff holds.
+
+    Shared by every session of a :class:`PacsClient` (so one worker's backoff after an A702
+    slows every worker down). ``wait`` blocks until a request may be sent.
+    """
+
+    def __init__(
+        self,
+        windows: Sequence[tuple[dtime, dtime]] = (),
+        now: Callable[[], datetime] = datetime.now,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.windows = list(windows)
+        self._now = now
+        self._sleep = sleep
+        self._clock = clock
+        self._hold_until = float("-inf")
+        self._lock = threading.Lock()
+        self.waited_s = 0.0
+
+    def blackout_remaining(self, now: datetime | None = None) -> float:
+        """Seconds until the blackout window containing ``now`` (local time) ends; 0 outside."""
+        now = now or self._now()
+        t = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+        remaining = 0.0
+        for start, end in self.windows:
+            s, e = start.hour * 3600 + start.minute * 60 + start.second, end.hour * 3600 + end.minute * 60 + end.second
+            inside = s <= t < e if s < e else (t >= s or t < e)
+            if inside:
+                remaining = max(remaining, (e - t) % 86400)
+        return remaining
+
+    def hold(self, seconds: float) -> None:
+        """Send nothing for ``seconds`` from now (backoff after an overload status or a fault)."""
+        with self._lock:
+            self._hold_until = max(self._hold_until, self._clock() + seconds)
+
+    def wait(self) -> float:
+        """Block until no blackout window and no hold applies; returns the seconds waited."""
+        waited = 0.0
+        announced = False
+        while True:
+            blackout = self.blackout_remaining()
+            with self._lock:
+                held = max(0.0, self._hold_until - self._clock())
+            pause = max(blackout, held)
+            if pause <= 0:
+                self.waited_s += waited
+                return waited
+            if blackout > 0 and not announced:
+                log.info("blackout window: no PACS requests for %.0f s", blackout)
+                announced = True
+            step = min(pause, 60.0)  # re-evaluate at least every minute (clock changes, new holds)
+            self._sleep(step)
+            waited += step
 
 
 @dataclass(frozen=True)
@@ -60,6 +156,22 @@ class RetrieveStatus:
     def succeeded(self) -> bool:
         """Final success and no failed sub-operation (counts may be absent; disk decides the rest)."""
         return self.status == SUCCESS and not self.failed
+
+    @property
+    def started_nothing(self) -> bool:
+        """A failure final with no sub-operation at all: the PACS sent nothing and will send nothing."""
+        counts = (self.completed, self.failed, self.warning)
+        return self.status != SUCCESS and not self.is_warning and all(not c for c in counts)
+
+    @property
+    def is_warning(self) -> bool:
+        """A Warning final (B000, B0xx): some sub-operations may have failed; disk decides."""
+        return 0xB000 <= self.status <= 0xBFFF
+
+    @property
+    def transient(self) -> bool:
+        """The PACS was out of resources / unable to process: back off and retry."""
+        return transient_status(self.status)
 
     def describe(self) -> str:
         return (
@@ -109,10 +221,25 @@ def _blank(ds: Dataset, keywords: Sequence[str]) -> Dataset:
 class PacsClient:
     """Builds sessions to one PACS with the configured AE titles, timeouts and budget."""
 
-    def __init__(self, settings: PacsSettings, budget: RequestBudget | None = None) -> None:
+    def __init__(
+        self,
+        settings: PacsSettings,
+        budget: RequestBudget | None = None,
+        gate: RequestGate | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         enable_tcp_nodelay()
         self.settings = settings
         self.budget: RequestBudget = budget or UnlimitedBudget()
+        self.sleep = sleep
+        self.gate = gate or RequestGate(settings.blackout_windows(), sleep=sleep)
+        self._empty_move_failures = 0
+        self._empty_lock = threading.Lock()
+
+    def backoff(self) -> wait_exponential_jitter:
+        """Exponential backoff with jitter: initial * 2^n + U(0, initial), at most retry_max_s."""
+        s = self.settings
+        return wait_exponential_jitter(initial=s.retry_initial_s, max=s.retry_max_s, jitter=s.retry_initial_s)
 
     @contextmanager
     def session(self, on_store: Callable[[Any], int] | None = None) -> Iterator["PacsSession"]:
@@ -127,6 +254,21 @@ class PacsClient:
         s = self.settings
         return f"PACS {s.called_ae_title}@{s.host}:{s.port}"
 
+    #: Failed C-MOVEs without a single sub-operation, in a row, that mean "unknown destination".
+    EMPTY_MOVE_FAILURES_LIMIT = 2
+
+    def note_empty_move_failure(self, final: RetrieveStatus) -> bool:
+        """True once C-MOVEs keep failing before any sub-operation starts.
+
+        Orthanc answers a C-MOVE to an AE title it does not know with 0xC000 and zero
+        sub-operations instead of A801. One such answer may be a transient failure; several in a
+        row (any series) mean the destination is the problem, and retrying every series up to
+        ``pacs.max_attempts`` would only hammer the PACS.
+        """
+        with self._empty_lock:
+            self._empty_move_failures = self._empty_move_failures + 1 if final.started_nothing else 0
+            return self._empty_move_failures >= self.EMPTY_MOVE_FAILURES_LIMIT
+
 
 class PacsSession:
     """One association (opened lazily, reopened when dropped) and the requests sent over it."""
@@ -137,6 +279,10 @@ class PacsSession:
         self.on_store = on_store
         self._assoc: Association | None = None
         self.requests = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._assoc is not None and self._assoc.is_established
 
     # -- association ---------------------------------------------------------------------------
     def _association(self) -> Association:
@@ -156,7 +302,10 @@ class PacsSession:
             ae.requested_contexts = contexts
             kwargs = {"ext_neg": roles, "evt_handlers": [(evt.EVT_C_STORE, self.on_store)]}
         self._take_token("associate")
-        assoc = ae.associate(s.host, s.port, ae_title=s.called_ae_title, **kwargs)
+        try:
+            assoc = ae.associate(s.host, s.port, ae_title=s.called_ae_title, **kwargs)
+        except (OSError, RuntimeError) as exc:
+            raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {exc}") from exc
         if not assoc.is_established:
             reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
             raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {reason}")
@@ -173,14 +322,96 @@ class PacsSession:
         self._assoc = None
 
     def _dropped(self, what: str) -> PacsUnavailable:
+        if self._assoc is not None and self._assoc.is_established:
+            self._assoc.abort()
         self._assoc = None
         return PacsUnavailable(f"{what}: {self.client.describe()} dropped the association or timed out")
 
+    def _ready(self) -> Association:
+        """Pass the gate (blackout, backoff hold), then the (re)opened association."""
+        if self.client.gate.wait() > 1.0 and self.connected:
+            self.close()  # idle for long: the PACS may have dropped it; start afresh
+        return self._association()
+
+    # -- fault handling ------------------------------------------------------------------------
+    def probe(self) -> None:
+        """Prove the PACS answers: associate, and C-ECHO when the association offers it."""
+        if self.on_store is None:
+            self.echo()
+        else:
+            self._ready()  # a C-GET association has no room for Verification: associating is proof
+
+    def wait_until_reachable(self) -> None:
+        """Return once the PACS answers; wait with backoff up to ``pacs.wait_for_pacs_s``.
+
+        Raises :class:`PacsUnreachable` when it never did. No series is claimed meanwhile, so
+        an outage burns no series attempts.
+        """
+        s = self.settings
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s not answering (%s); next try in %.1f s (waiting up to pacs.wait_for_pacs_s=%g s)",
+                self.client.describe(), exc, state.next_action.sleep if state.next_action else 0, s.wait_for_pacs_s,
+            )  # fmt: skip
+
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_delay(s.wait_for_pacs_s),
+            wait=self.client.backoff(),
+            sleep=self.client.sleep,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            retrying(self.probe)
+        except PacsError as exc:
+            if not is_transient(exc):
+                raise
+            raise PacsUnreachable(
+                f"{self.client.describe()} did not answer for {s.wait_for_pacs_s:g} s (pacs.wait_for_pacs_s): "
+                f"{exc}; nothing was claimed, run again when the PACS is back"
+            ) from exc
+
+    def retrying(self, fn: Callable[[], T], what: str) -> T:
+        """Call ``fn`` (one PACS request); on a connection fault or an A7xx/C0xx status, wait
+        for the PACS and retry with backoff, at most ``pacs.max_attempts`` attempts in all."""
+        s = self.settings
+        down = False
+
+        def attempt() -> T:
+            nonlocal down
+            if down:  # the last attempt could not reach the PACS: wait for it first
+                self.wait_until_reachable()
+            try:
+                return fn()
+            except PacsUnavailable:
+                down = True
+                raise
+
+        def before_sleep(state: RetryCallState) -> None:
+            delay = state.next_action.sleep if state.next_action else 0.0
+            self.client.gate.hold(delay)  # every session of this client backs off
+            log.warning("%s failed (%s); retrying in %.1f s", what, state.outcome.exception() if state.outcome else "?", delay)
+
+        return Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_after_attempt(s.max_attempts),
+            wait=self.client.backoff(),
+            sleep=lambda seconds: None,  # the gate hold does the waiting (for every session)
+            before_sleep=before_sleep,
+            reraise=True,
+        )(attempt)
+
     # -- requests ------------------------------------------------------------------------------
     def echo(self) -> None:
-        assoc = self._association()
+        assoc = self._ready()
         self._take_token("C-ECHO")
-        status = assoc.send_c_echo()
+        try:
+            status = assoc.send_c_echo()
+        except (OSError, RuntimeError) as exc:
+            raise self._dropped(f"C-ECHO ({exc})") from exc
         if "Status" not in status:
             raise self._dropped("C-ECHO")
         if status.Status != SUCCESS:
@@ -188,10 +419,10 @@ class PacsSession:
 
     def find(self, identifier: Dataset, model: str = "study") -> list[Dataset]:
         """Send one C-FIND and collect every pending identifier; raise unless the final is success."""
-        assoc = self._association()
+        assoc = self._ready()
         self._take_token("C-FIND")
         results: list[Dataset] = []
-        for status, found in assoc.send_c_find(identifier, FIND_MODELS[model]):
+        for status, found in self._responses(lambda: assoc.send_c_find(identifier, FIND_MODELS[model]), "C-FIND"):
             if "Status" not in status:
                 raise self._dropped(f"C-FIND at {identifier.QueryRetrieveLevel} level")
             if status.Status in PENDING:
@@ -206,17 +437,101 @@ class PacsSession:
                 )
         raise self._dropped("C-FIND")
 
+    def _responses(self, send: Callable[[], Iterator[Any]], what: str) -> Iterator[Any]:
+        """The responses of one request; a socket/association error becomes PacsUnavailable."""
+        try:
+            yield from send()
+        except (OSError, RuntimeError) as exc:
+            raise self._dropped(f"{what} ({exc})") from exc
+
+    def _capped(self, found: list[Dataset]) -> bool:
+        cap = self.settings.max_find_results
+        return bool(cap) and len(found) >= cap
+
     def find_patients(self) -> list[Dataset]:
-        return self.find(_blank(_identifier("PATIENT", PatientID=""), PATIENT_KEYS), model="patient")
+        """Every patient. When the PATIENT-level answer hits ``pacs.max_find_results``, the
+        patients are derived from STUDY-level queries split by StudyDate until none is capped
+        (a patient without any study has nothing to retrieve anyway)."""
+        found = self.retrying(
+            lambda: self.find(_blank(_identifier("PATIENT", PatientID=""), PATIENT_KEYS), model="patient"),
+            "C-FIND of patients",
+        )
+        if not self._capped(found):
+            return found
+        log.warning(
+            "the patient query returned %d results = pacs.max_find_results: deriving patients from "
+            "STUDY-level queries split by StudyDate", len(found),
+        )  # fmt: skip
+        patients: dict[str, Dataset] = {str(ds.get("PatientID", "")): ds for ds in found}
+        base = _blank(_identifier("STUDY", PatientID="", StudyInstanceUID=""), (*PATIENT_KEYS, "StudyDate", "StudyTime"))
+        for study in self.find_split(base):
+            pid = str(study.get("PatientID", ""))
+            if pid not in patients:
+                patient = _identifier("PATIENT", PatientID=pid)
+                for keyword in PATIENT_KEYS:
+                    setattr(patient, keyword, study.get(keyword, ""))
+                patients[pid] = patient
+        return list(patients.values())
 
     def find_studies(self, patient_id: str) -> list[Dataset]:
         """Studies of exactly this patient (a PatientID with ``*``/``?`` would also match others)."""
-        found = self.find(_blank(_identifier("STUDY", PatientID=patient_id, StudyInstanceUID=""), STUDY_KEYS))
+        ident = _blank(_identifier("STUDY", PatientID=patient_id, StudyInstanceUID=""), STUDY_KEYS)
+        found = self.retrying(lambda: self.find(ident), f"C-FIND of the studies of {patient_id!r}")
+        if self._capped(found):
+            log.warning("patient %r: %d studies = pacs.max_find_results; splitting by StudyDate", patient_id, len(found))
+            found = self.find_split(ident)
         return [ds for ds in found if str(ds.get("PatientID", "")) == patient_id]
+
+    def find_split(self, base: Dataset) -> list[Dataset]:
+        """A STUDY-level C-FIND split by StudyDate (then StudyTime) ranges until every part
+        returns fewer than ``pacs.max_find_results``; deduplicated by StudyInstanceUID.
+
+        Studies without a StudyDate match no range, so a split query cannot find them (logged).
+        """
+        out: dict[str, Dataset] = {}
+        first, last = date(1900, 1, 1), date.today() + timedelta(days=366)
+        for lo, hi in ((date.min, first - timedelta(days=1)), (first, last), (last + timedelta(days=1), date.max)):
+            self._split_dates(base, lo, hi, out)
+        return list(out.values())
+
+    def _find_part(self, base: Dataset, **keys: str) -> list[Dataset]:
+        ident = copy.deepcopy(base)
+        for keyword, value in keys.items():
+            setattr(ident, keyword, value)
+        return self.retrying(lambda: self.find(ident), f"C-FIND {keys}")
+
+    def _split_dates(self, base: Dataset, lo: date, hi: date, out: dict[str, Dataset]) -> None:
+        found = self._find_part(base, StudyDate=_date_range(lo, hi))
+        if not self._capped(found):
+            _collect(found, out)
+        elif lo == hi:
+            self._split_times(base, lo, 0, 86399, out)
+        else:
+            mid = lo + (hi - lo) // 2
+            self._split_dates(base, lo, mid, out)
+            self._split_dates(base, mid + timedelta(days=1), hi, out)
+
+    def _split_times(self, base: Dataset, day: date, lo: int, hi: int, out: dict[str, Dataset]) -> None:
+        found = self._find_part(base, StudyDate=_date_range(day, day), StudyTime=f"{_hms(lo)}-{_hms(hi)}")
+        if not self._capped(found):
+            _collect(found, out)
+        elif hi - lo < 60:
+            log.error(
+                "more than pacs.max_find_results studies on %s between %s and %s: results may be "
+                "truncated (raise pacs.max_find_results if the PACS allows)", day, _hms(lo), _hms(hi),
+            )  # fmt: skip
+            _collect(found, out)
+        else:
+            mid = (lo + hi) // 2
+            self._split_times(base, day, lo, mid, out)
+            self._split_times(base, day, mid + 1, hi, out)
 
     def find_series(self, study_uid: str) -> list[Dataset]:
         ident = _blank(_identifier("SERIES", StudyInstanceUID=study_uid, SeriesInstanceUID=""), SERIES_KEYS)
-        return [ds for ds in self.find(ident) if str(ds.get("StudyInstanceUID", study_uid)) == study_uid]
+        found = self.retrying(lambda: self.find(ident), f"C-FIND of the series of study {study_uid}")
+        if self._capped(found):
+            log.error("study %s: %d series = pacs.max_find_results: the list may be truncated", study_uid, len(found))
+        return [ds for ds in found if str(ds.get("StudyInstanceUID", study_uid)) == study_uid]
 
     def find_instance_uids(self, study_uid: str, series_uid: str) -> list[str]:
         ident = _identifier("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID="")
@@ -233,17 +548,17 @@ class PacsSession:
         self, study_uid: str, series_uid: str, destination: str, sop_uids: Sequence[str] | None = None
     ) -> RetrieveStatus:
         """C-MOVE a series (or some of its instances) to ``destination``; returns the final status."""
-        assoc = self._association()
+        assoc = self._ready()
         self._take_token("C-MOVE")
         ident = self._retrieve_identifier(study_uid, series_uid, sop_uids)
-        responses = assoc.send_c_move(ident, destination, MOVE_MODELS["study"])
+        responses = self._responses(lambda: assoc.send_c_move(ident, destination, MOVE_MODELS["study"]), "C-MOVE")
         final = self._final_status(responses, "C-MOVE")
-        if final.status == MOVE_DESTINATION_UNKNOWN:
+        if final.status == MOVE_DESTINATION_UNKNOWN or self.client.note_empty_move_failure(final):
             raise MoveDestinationUnknown(
                 f"{self.client.describe()} does not know the move destination AE title "
-                f"{destination!r} or cannot connect to it (status A801): register {destination!r} "
-                f"on the PACS with this machine's address and receiver.port, and check that the "
-                f"PACS can reach that port"
+                f"{destination!r} or cannot connect to it ({final.describe()}): register "
+                f"{destination!r} on the PACS with this machine's address and receiver.port, and "
+                f"check that the PACS can reach that port"
             )
         return final
 
@@ -251,12 +566,13 @@ class PacsSession:
         """C-GET a series (or some of its instances); the session's ``on_store`` receives them."""
         if self.on_store is None:
             raise PacsError("C-GET needs a session opened with an on_store handler")
-        assoc = self._association()
+        assoc = self._ready()
         self._take_token("C-GET")
         ident = self._retrieve_identifier(study_uid, series_uid, sop_uids)
-        return self._final_status(assoc.send_c_get(ident, GET_MODELS["study"]), "C-GET")
+        return self._final_status(self._responses(lambda: assoc.send_c_get(ident, GET_MODELS["study"]), "C-GET"), "C-GET")
 
     def _final_status(self, responses: Any, what: str) -> RetrieveStatus:
+        """The final response; Pending ones (with or without counts) only show progress."""
         last: Dataset | None = None
         for status, _identifier_ in responses:
             if "Status" not in status:
@@ -276,7 +592,26 @@ class PacsSession:
 
 def _count(status: Dataset, keyword: str) -> int | None:
     value = status.get(keyword)
-    return int(value) if value not in (None, "") else None
+    try:
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _date_range(lo: date, hi: date) -> str:
+    """A DICOM DA range; the extreme dates become open ends (``-19991231``, ``20270101-``)."""
+    left = "" if lo == date.min else f"{lo.year:04d}{lo.month:02d}{lo.day:02d}"
+    right = "" if hi == date.max else f"{hi.year:04d}{hi.month:02d}{hi.day:02d}"
+    return f"{left}-{right}"
+
+
+def _hms(seconds: int) -> str:
+    return f"{seconds // 3600:02d}{seconds // 60 % 60:02d}{seconds % 60:02d}"
+
+
+def _collect(found: list[Dataset], out: dict[str, Dataset]) -> None:
+    for ds in found:
+        out.setdefault(str(ds.get("StudyInstanceUID", "")), ds)
 
 
 def text(ds: Dataset, keyword: str) -> str | None:

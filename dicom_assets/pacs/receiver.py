@@ -4,10 +4,19 @@ Both paths end in :class:`InstanceSink`, which only stores instances that belong
 in flight (a series we asked for), writes them exactly as received (no decode/re-encode of
 pixel data) to a hidden temp file, and renames it into place, so a crash never leaves a
 truncated ``.dcm``. An instance already on disk is acknowledged and not written again.
+
+Nothing from the network chooses a path: an instance is routed by its Series/Study Instance UIDs
+to a retrieve in flight (whose directory was built from checked UIDs), and its SOP Instance UID
+must be a valid UID (digits and dots, at most 64) equal to the C-STORE request's; anything else
+is refused (0xC002) and never written. The storage SCP accepts associations only from the
+allowed calling AE titles and, when set, the allowed host addresses; others are rejected and
+logged.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import logging
 import os
 import threading
@@ -18,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, evt, transport
 
 from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name
 from dicom_assets.pacs.contexts import receiver_contexts
@@ -45,6 +54,7 @@ class InFlightRetrieve:
     bytes: int = 0
     refused: int = 0
     last_error: str | None = None
+    last_errno: int | None = None
     last_arrival: float = field(default_factory=time.monotonic)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
 
@@ -129,6 +139,7 @@ class InstanceSink:
         except OSError as exc:
             _unlink_quietly(tmp)
             flight.last_error = f"cannot write {final}: {exc.strerror or exc}"
+            flight.last_errno = exc.errno
             log.error(flight.last_error)
             return STATUS_OUT_OF_RESOURCES
         flight.note_arrival(len(data), duplicate=False)
@@ -154,10 +165,54 @@ def _unlink_quietly(path: Path) -> None:
         pass
 
 
+DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _normalise_ip(address: str) -> str:
+    """``::ffff:10.0.0.1`` -> ``10.0.0.1``; anything unparsable stays as it is (and never matches)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return str(mapped or ip)
+
+
+_filter_lock = threading.Lock()
+_filter_installed = False
+
+
+def _install_host_filter() -> None:
+    """Let an AE refuse TCP connections from hosts not in its ``_allowed_hosts`` (idempotent).
+
+    pynetdicom has no address filter; socketserver's ``verify_request`` runs before anything is
+    read from the connection, so a refused host never gets to send a PDU.
+    """
+    global _filter_installed
+    with _filter_lock:
+        if _filter_installed:
+            return
+        original = transport.AssociationServer.verify_request
+
+        def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
+            allowed = getattr(getattr(self, "ae", None), "_allowed_hosts", None)
+            if allowed is not None and _normalise_ip(str(client_address[0])) not in allowed:
+                log.warning(
+                    "refused connection from %s: not in receiver.allowed_hosts %s", client_address[0], sorted(allowed)
+                )
+                return False
+            return original(self, request, client_address)
+
+        transport.AssociationServer.verify_request = verify_request
+        _filter_installed = True
+
+
 class StorageReceiver:
     """The storage SCP a C-MOVE sends to: listens on ``receiver.bind_address:port``.
 
-    Only associations whose calling AE title is the PACS's (``allowed_ae_titles``) are accepted.
+    Only associations whose calling AE title is in ``allowed_ae_titles`` (for a run: the PACS's,
+    see :func:`dicom_assets.config.receiver_allowed_ae_titles`) and, when ``allowed_hosts`` is
+    given, whose peer address is in it, are accepted.
     """
 
     def __init__(
@@ -167,6 +222,7 @@ class StorageReceiver:
         port: int,
         download_dir: Path,
         allowed_ae_titles: list[str] | None = None,
+        allowed_hosts: list[str] | None = None,
     ) -> None:
         enable_tcp_nodelay()
         self.sink = InstanceSink(download_dir)
@@ -174,7 +230,19 @@ class StorageReceiver:
         self.bind_address = bind_address
         self.port = port
         self._allowed = [t.strip() for t in allowed_ae_titles] if allowed_ae_titles else None
+        self._allowed_hosts = frozenset(_normalise_ip(h) for h in allowed_hosts) if allowed_hosts else None
         self._server: Any = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "StorageReceiver":
+        """The locked-down receiver of a run: ``receiver.*`` and the PACS's AE title."""
+        from dicom_assets.config import receiver_allowed_ae_titles
+
+        r = settings.receiver
+        return cls(
+            r.ae_title, r.bind_address, r.port, settings.paths.download_dir,
+            allowed_ae_titles=receiver_allowed_ae_titles(settings), allowed_hosts=r.allowed_hosts,
+        )  # fmt: skip
 
     def start(self) -> "StorageReceiver":
         ae = AE(ae_title=self.ae_title)
@@ -183,6 +251,9 @@ class StorageReceiver:
         ae.require_called_aet = True
         if self._allowed:
             ae.require_calling_aet = self._allowed
+        if self._allowed_hosts is not None:
+            _install_host_filter()
+            ae._allowed_hosts = self._allowed_hosts  # type: ignore[attr-defined]
         handlers = [(evt.EVT_C_STORE, self.sink.handle_store), (evt.EVT_REJECTED, _log_rejected)]
         try:
             self._server = ae.start_server((self.bind_address, self.port), block=False, evt_handlers=handlers)
@@ -209,4 +280,7 @@ class StorageReceiver:
 
 def _log_rejected(event: Any) -> None:
     requestor = event.assoc.requestor
-    log.warning("rejected association from AE %r at %s", requestor.ae_title, requestor.address)
+    log.warning(
+        "rejected association from AE %r at %s (not in receiver.allowed_ae_titles / the PACS's AE title)",
+        requestor.ae_title, requestor.address,
+    )  # fmt: skip

@@ -432,7 +432,13 @@ class StateStore:
         )
 
     def claim_next_series(
-        self, patient_ids: Sequence[str], worker: str, lease_s: float, exclude: Collection[str] = ()
+        self,
+        patient_ids: Sequence[str],
+        worker: str,
+        lease_s: float,
+        exclude: Collection[str] = (),
+        max_attempts: int | None = None,
+        only: Collection[str] | None = None,
     ) -> SeriesState | None:
         """Atomically claim one retrievable series of these patients for ``worker``.
 
@@ -444,15 +450,22 @@ class StateStore:
         SQLite: one UPDATE ... WHERE uid = (SELECT ... LIMIT 1) RETURNING under BEGIN IMMEDIATE.
         ``exclude``: series UIDs never to claim (e.g. those this run already attempted, so a
         series that just ended failed/incomplete is not retried in a loop within one run).
+        ``max_attempts``: a series that already had that many attempts is no longer claimed
+        (it stays failed with its last error) unless it is 'pending' (new, or reset because the
+        PACS gained instances). ``only``: claim only among these series UIDs.
         """
         ids = list(dict.fromkeys(patient_ids))
-        if not ids:
+        if not ids or (only is not None and not only):
             return None
         s = t.series.c
         pick = (
             sa.select(s.series_instance_uid)
             .where(s.patient_id.in_(ids), self._retrievable())
             .where(*([s.series_instance_uid.not_in(list(exclude))] if exclude else []))
+            .where(*([s.series_instance_uid.in_(list(only))] if only is not None else []))
+            .where(
+                *([sa.or_(s.download_status == "pending", s.attempts < max_attempts)] if max_attempts is not None else [])
+            )
             .order_by(s.patient_id, s.study_instance_uid, s.series_number.nulls_last(), s.series_instance_uid)
             .limit(1)
         )
@@ -777,3 +790,77 @@ class StateStore:
                     frame[name] = frame[name].astype("Int64")
                 frame["downloaded_at"] = pd.to_datetime(frame["downloaded_at"], utc=True)
                 yield frame
+
+    # -- PACS request budget -----------------------------------------------------------------
+    def _budget_time(self, value: datetime) -> datetime:
+        """A budget timestamp as bound: aware UTC on PostgreSQL, naive UTC on SQLite."""
+        value = value.astimezone(timezone.utc)
+        return value if self.is_postgresql else value.replace(tzinfo=None)
+
+    def take_request_token(
+        self, pacs_key: str, max_per_window: int, window_s: float, what: str = "request"
+    ) -> float:
+        """Grant one request to the PACS ``pacs_key`` if fewer than ``max_per_window`` were granted
+        in the last ``window_s`` seconds: returns 0.0 and logs it. Otherwise returns the seconds
+        until the oldest grant that keeps the window full leaves it (> 0), and logs nothing.
+
+        One short transaction: create-if-missing and lock the PACS's ``pacs_budgets`` row (FOR
+        UPDATE on PostgreSQL; BEGIN IMMEDIATE serialises all writers on SQLite), prune its log rows
+        older than the window, count the rest, insert the grant. Grants to one PACS are therefore
+        serialised, and each one is timestamped after the lock was taken with
+        ``max(clock, last_sent_at)``, so logged times never decrease even if the clock steps back.
+        The clock is the database's (``clock_timestamp()``, not the transaction start ``now()``)
+        on PostgreSQL, shared by every machine; on SQLite it is this machine's UTC clock.
+        """
+        if max_per_window < 1:
+            raise ValueError("max_per_window must be >= 1")
+        if window_s <= 0:
+            raise ValueError("window_s must be > 0")
+        b, log = t.pacs_budgets, t.pacs_request_log
+        with self._write() as conn:
+            conn.execute(self._insert(b).values(pacs_key=pacs_key).on_conflict_do_nothing(index_elements=[b.c.pacs_key]))
+            columns: list[Any] = [b.c.last_sent_at]
+            if self.is_postgresql:
+                columns.append(sa.func.clock_timestamp(type_=sa.DateTime(timezone=True)))
+            row = conn.execute(sa.select(*columns).where(b.c.pacs_key == pacs_key).with_for_update()).one()
+            clock = _utc(row[1]) if self.is_postgresql else datetime.now(timezone.utc)
+            last = _utc(row[0])
+            now = max(clock, last) if last is not None else clock  # type: ignore[type-var]
+            assert now is not None
+            cutoff = self._budget_time(now - timedelta(seconds=window_s))
+            conn.execute(sa.delete(log).where(log.c.pacs_key == pacs_key, log.c.sent_at <= cutoff))
+            in_window = conn.execute(
+                sa.select(sa.func.count()).select_from(log).where(log.c.pacs_key == pacs_key)
+            ).scalar_one()
+            if in_window < max_per_window:
+                stamp = self._budget_time(now)
+                conn.execute(sa.insert(log).values(pacs_key=pacs_key, sent_at=stamp, what=what))
+                conn.execute(
+                    sa.update(b).where(b.c.pacs_key == pacs_key).values(last_sent_at=stamp, granted=b.c.granted + 1)
+                )
+                return 0.0
+            # Full: the window has room again when the (in_window - max + 1)-th oldest grant leaves.
+            oldest = conn.execute(
+                sa.select(log.c.sent_at)
+                .where(log.c.pacs_key == pacs_key)
+                .order_by(log.c.sent_at)
+                .offset(in_window - max_per_window)
+                .limit(1)
+            ).scalar_one()
+            conn.execute(sa.update(b).where(b.c.pacs_key == pacs_key).values(deferred=b.c.deferred + 1))
+        leaves_at = _utc(oldest) + timedelta(seconds=window_s)  # type: ignore[operator]
+        return max((leaves_at - now).total_seconds(), 0.001)
+
+    def request_budget_stats(self, pacs_key: str) -> dict[str, int]:
+        """``{'granted': n, 'deferred': n, 'in_log': n}`` for one PACS (zeros when unknown).
+
+        ``deferred`` counts token requests answered "wait"; ``in_log`` the grants not yet pruned.
+        """
+        b, log = t.pacs_budgets, t.pacs_request_log
+        with self._read() as conn:
+            row = conn.execute(sa.select(b.c.granted, b.c.deferred).where(b.c.pacs_key == pacs_key)).first()
+            in_log = conn.execute(
+                sa.select(sa.func.count()).select_from(log).where(log.c.pacs_key == pacs_key)
+            ).scalar_one()
+        granted, deferred = (row[0], row[1]) if row else (0, 0)
+        return {"granted": int(granted), "deferred": int(deferred), "in_log": int(in_log)}

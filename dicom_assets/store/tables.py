@@ -136,4 +136,32 @@ archives = sa.Table(
     sa.Index("archives_patient_idx", "patient_id", "archive_id"),
 )
 
+# The PACS request budget (dicom_assets.pacs.budget.DatabaseBudget): a lock row per PACS and the
+# log of the requests granted within the window. No date_modified: written on every request.
+pacs_budgets = sa.Table(
+    "pacs_budgets",
+    metadata,
+    sa.Column("pacs_key", sa.Text, primary_key=True),
+    sa.Column("last_sent_at", sa.DateTime(timezone=True)),
+    sa.Column("granted", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("deferred", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+)
+
+pacs_request_log = sa.Table(
+    "pacs_request_log",
+    metadata,
+    sa.Column(
+        "request_id",
+        sa.BigInteger().with_variant(sa.Integer(), "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column(
+        "pacs_key", sa.Text, sa.ForeignKey("pacs_budgets.pacs_key", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("what", sa.Text, nullable=False),
+    sa.Index("pacs_request_log_key_idx", "pacs_key", "sent_at"),
+)
+
 TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives)

@@ -1,0 +1,298 @@
+"""A throwaway Orthanc (the real PACS of Debian's ``orthanc`` package) for integration tests.
+
+:func:`running_orthanc` writes its own configuration into a temp directory (storage, index,
+free loopback ports, our receiver registered as a modality), starts ``Orthanc <config>`` as a
+subprocess, waits until ``GET /system`` answers on 127.0.0.1 and stops it on exit. Its output
+goes to a log file that failure messages quote (:meth:`OrthancHandle.log_tail`).
+
+Orthanc not installed: the test is skipped, or fails under ``CI=true`` (``require_service``).
+``scripts/ensure-services.sh`` installs it (``apt-get install orthanc dcmtk``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from dicom_assets_tests.conftest import free_port, require_service
+
+ORTHANC_AET = "ORTHANC"
+RECEIVER_AET = "DICOM_ASSETS"
+DEFAULT_BINARY = "/usr/sbin/Orthanc"
+STARTUP_TIMEOUT_S = 30.0
+
+#: Never let an http(s)_proxy from the environment see requests meant for 127.0.0.1.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def orthanc_binary() -> str | None:
+    """``$ORTHANC_BINARY`` when set (only it), else ``Orthanc`` on PATH or Debian's /usr/sbin/Orthanc;
+    None when absent."""
+    override = os.environ.get("ORTHANC_BINARY")
+    candidates = (override,) if override else (shutil.which("Orthanc"), DEFAULT_BINARY)
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def require_orthanc() -> str:
+    """The Orthanc binary; skips the test without it (fails it under CI=true)."""
+    binary = orthanc_binary()
+    require_service(binary is not None, "Orthanc (Debian package 'orthanc', /usr/sbin/Orthanc; see scripts/ensure-services.sh)")
+    assert binary is not None
+    return binary
+
+
+def orthanc_config(
+    root: Path,
+    dicom_port: int,
+    http_port: int,
+    receiver_port: int,
+    synchronous_move: bool = True,
+    receiver_ae_title: str = RECEIVER_AET,
+    aet: str = ORTHANC_AET,
+) -> dict[str, Any]:
+    """Orthanc's JSON configuration: loopback only, no auth, our receiver as the one modality."""
+    return {
+        "Name": f"dicom-assets-test-{dicom_port}",
+        "StorageDirectory": str(root / "storage"),
+        "IndexDirectory": str(root / "index"),
+        "StorageCompression": False,
+        "Plugins": [],  # never load Debian's /usr/share/orthanc/plugins
+        "ConcurrentJobs": 2,
+        "SaveJobs": False,  # no job history survives a restart
+        "JobsHistorySize": 1000,  # tests count C-MOVE jobs
+        "HttpServerEnabled": True,
+        "HttpPort": http_port,
+        "RemoteAccessAllowed": False,  # HTTP from 127.0.0.1 only
+        "AuthenticationEnabled": False,
+        "SslEnabled": False,
+        "HttpDescribeErrors": True,
+        "ExecuteLuaEnabled": False,
+        "RestApiWriteToFileSystemEnabled": False,
+        "DicomServerEnabled": True,
+        "DicomAet": aet,
+        "DicomPort": dicom_port,
+        "DicomCheckCalledAet": True,  # a wrong pacs.called_ae_title fails at association
+        # Only the registered modality may talk to us, and only from its registered host.
+        "DicomCheckModalityHost": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
+        "DicomModalitiesInDatabase": False,
+        "DicomModalities": {
+            "dicom_assets": {
+                "AET": receiver_ae_title,
+                "Host": "127.0.0.1",
+                "Port": receiver_port,
+                "AllowEcho": True,
+                "AllowFind": True,
+                "AllowMove": True,
+                "AllowGet": True,
+                "AllowStore": False,
+                "AllowStorageCommitment": False,
+                "AllowTranscoding": False,  # send instances exactly as stored
+            }
+        },
+        "SynchronousCMove": synchronous_move,
+        "DicomScuTimeout": 10,
+        "DicomScpTimeout": 30,
+        "DicomAssociationCloseDelay": 0,  # no idle C-STORE association left open to our receiver
+        "UnknownSopClassAccepted": False,
+        "LimitFindResults": 0,
+        "LimitFindInstances": 0,
+        "DefaultEncoding": "Utf8",
+        "DeidentifyLogs": False,
+        "StableAge": 1,
+        "OverwriteInstances": False,
+        "TcpNoDelay": True,
+    }
+
+
+def _http_json(method: str, url: str, body: bytes | None = None, content_type: str | None = None, timeout: float = 30.0) -> Any:
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    with _OPENER.open(request, timeout=timeout) as response:
+        raw = response.read()
+    return json.loads(raw) if raw else None
+
+
+@dataclass
+class OrthancHandle:
+    """A running Orthanc: its ports, REST helpers, and its log for failure messages."""
+
+    dicom_port: int
+    http_port: int
+    aet: str
+    root: Path
+    config_file: Path
+    log_file: Path
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def get(self, path: str) -> Any:
+        return _http_json("GET", self.base_url + path)
+
+    def post(self, path: str, payload: Any) -> Any:
+        body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return _http_json("POST", self.base_url + path, body, "application/json")
+
+    def delete(self, path: str) -> Any:
+        return _http_json("DELETE", self.base_url + path)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def load(self, directory: Path) -> int:
+        """POST every ``.dcm`` under ``directory`` to /instances; returns how many were stored."""
+        stored = 0
+        for path in sorted(Path(directory).rglob("*.dcm")):
+            if path.name.startswith("."):
+                continue
+            try:
+                answer = _http_json("POST", self.base_url + "/instances", path.read_bytes(), "application/dicom")
+            except urllib.error.HTTPError as exc:
+                raise AssertionError(f"Orthanc refused {path}: {exc} {exc.read()[:500]!r}\n{self.log_tail()}") from exc
+            if answer.get("Status") not in ("Success", "AlreadyStored"):
+                raise AssertionError(f"Orthanc did not store {path}: {answer}\n{self.log_tail()}")
+            stored += 1
+        return stored
+
+    def instance_count(self) -> int:
+        return int(self.get("/statistics")["CountInstances"])
+
+    def jobs(self, job_type: str | None = None) -> list[dict[str, Any]]:
+        """Orthanc's jobs (e.g. ``DicomModalityStore``: the C-STOREs of each C-MOVE it served)."""
+        jobs = self.get("/jobs?expand") or []
+        return [j for j in jobs if job_type is None or j.get("Type") == job_type]
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_file.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no Orthanc log at {self.log_file})"
+        return f"--- last {min(lines, len(text))} lines of {self.log_file} ---\n" + "\n".join(text[-lines:])
+
+    def stop(self, timeout_s: float = 10.0, wait: bool = True) -> None:
+        """SIGTERM (Orthanc shuts down cleanly), then SIGKILL if it does not exit in time.
+
+        Orthanc 1.10.1 needs ~3 s to stop (fixed poll intervals of its HTTP and DICOM servers).
+        ``wait=False`` sends SIGTERM and leaves the wait (and the SIGKILL) to the end of the
+        Python process, so consecutive tests overlap those seconds; the ports are never reused.
+        """
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        if wait:
+            _reap(proc, timeout_s)
+        else:
+            _STOPPING.append((proc, timeout_s))
+
+
+_STOPPING: list[tuple[subprocess.Popen[bytes], float]] = []
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout_s)
+
+
+@atexit.register
+def _reap_stopping() -> None:
+    """Wait for (or kill) every Orthanc stopped with ``wait=False``."""
+    while _STOPPING:
+        _reap(*_STOPPING.pop())
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    ports: list[int] = []
+    while len(ports) < count:
+        candidate = free_port()
+        if candidate not in ports:
+            ports.append(candidate)
+    return ports
+
+
+def start_orthanc(
+    root: Path,
+    receiver_port: int,
+    synchronous_move: bool = True,
+    receiver_ae_title: str = RECEIVER_AET,
+    verbose: bool = False,
+) -> OrthancHandle:
+    """Start Orthanc with a fresh config under ``root``; returns once its REST API answers."""
+    binary = require_orthanc()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    dicom_port, http_port = _distinct_free_ports(2)
+    config = orthanc_config(root, dicom_port, http_port, receiver_port, synchronous_move, receiver_ae_title)
+    config_file = root / "orthanc.json"
+    config_file.write_text(json.dumps(config, indent=2))
+    log_file = root / "orthanc.log"
+    args = [binary, *(["--verbose"] if verbose else []), str(config_file)]
+    with open(log_file, "wb") as log:
+        process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root)
+    handle = OrthancHandle(dicom_port, http_port, ORTHANC_AET, root, config_file, log_file, process)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"Orthanc exited with status {process.returncode} at startup\n{handle.log_tail()}")
+        try:
+            system = handle.get("/system")
+            if system and system.get("DicomAet") == ORTHANC_AET:
+                return handle
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            last_error = exc
+        time.sleep(0.1)
+    handle.stop()
+    pytest.fail(f"Orthanc did not answer GET /system within {STARTUP_TIMEOUT_S:.0f} s ({last_error})\n{handle.log_tail()}")
+
+
+@contextmanager
+def running_orthanc(
+    tmp_path: Path,
+    receiver_port: int,
+    synchronous_move: bool = True,
+    receiver_ae_title: str = RECEIVER_AET,
+    verbose: bool = False,
+    wait_on_stop: bool = True,
+) -> Iterator[OrthancHandle]:
+    """An Orthanc for the duration of the block (under ``tmp_path/orthanc``), always stopped
+    (``wait_on_stop=False``: SIGTERM now, wait at interpreter exit, see :meth:`OrthancHandle.stop`).
+
+    An exception escaping the block gets the tail of Orthanc's log attached as a note.
+    """
+    handle = start_orthanc(Path(tmp_path) / "orthanc", receiver_port, synchronous_move, receiver_ae_title, verbose)
+    try:
+        yield handle
+    except BaseException as exc:
+        if hasattr(exc, "add_note"):
+            exc.add_note(handle.log_tail())
+        raise
+    finally:
+        handle.stop(wait=wait_on_stop)
