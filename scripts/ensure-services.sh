@@ -40,15 +40,17 @@ else
   say "PostgreSQL started"
 fi
 
-# --- Orthanc and DCMTK ---------------------------------------------------------------------------
+# --- Orthanc, DCMTK, and Chromium for the UI test -------------------------------------------------
 missing=()
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
 command -v storescu >/dev/null || missing+=(dcmtk)
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+[ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]} from Debian's packages"
   as_root apt-get update -qq || true
   if ! as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; then
-    say "cannot install ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' (the Orthanc tests skip without it)"
+    say "cannot install ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' (the tests that need them skip without them)"
     [ "${CI:-}" = "true" ] && exit 1
   fi
 fi
