@@ -6,12 +6,11 @@ in memory at once; written to a hidden temp file and renamed, so readers never s
 
 from __future__ import annotations
 
-import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from dicom_assets import layout
 from dicom_assets.store.state import StateStore
 from dicom_assets.store.tables import SERIES_STATUSES
 
@@ -70,36 +69,27 @@ def write_inventory(store: StateStore, path: Path, chunk_rows: int = 50_000) -> 
     """
     started = time.monotonic()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
     rows = patients = studies = total_bytes = 0
     by_status: dict[str, int] = dict.fromkeys(SERIES_STATUSES, 0)
     last_patient: object = object()
     last_study: object = object()
-    try:
-        with open(temp, "x", newline="", encoding="utf-8") as f:
-            f.write(",".join(INVENTORY_COLUMNS) + "\n")
-            for frame in store.iter_inventory(chunk_rows=chunk_rows):
-                if tuple(frame.columns) != INVENTORY_COLUMNS:
-                    raise RuntimeError(f"inventory query returned columns {list(frame.columns)}")
-                frame.to_csv(f, header=False, index=False, lineterminator="\n")
-                rows += len(frame)
-                total_bytes += int(frame["downloaded_bytes"].sum())
-                for status, n in frame["download_status"].value_counts().items():
-                    by_status[status] = by_status.get(status, 0) + int(n)
-                for patient_id, study_uid in zip(frame["patient_id"], frame["study_instance_uid"]):
-                    if patient_id != last_patient:
-                        patients += 1
-                        last_patient = patient_id
-                    if study_uid != last_study:
-                        studies += 1
-                        last_study = study_uid
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with layout.atomic_file(path, newline="", encoding="utf-8") as f:
+        f.write(",".join(INVENTORY_COLUMNS) + "\n")
+        for frame in store.iter_inventory(chunk_rows=chunk_rows):
+            if tuple(frame.columns) != INVENTORY_COLUMNS:
+                raise RuntimeError(f"inventory query returned columns {list(frame.columns)}")
+            frame.to_csv(f, header=False, index=False, lineterminator="\n")
+            rows += len(frame)
+            total_bytes += int(frame["downloaded_bytes"].sum())
+            for status, n in frame["download_status"].value_counts().items():
+                by_status[status] = by_status.get(status, 0) + int(n)
+            for patient_id, study_uid in zip(frame["patient_id"], frame["study_instance_uid"]):
+                if patient_id != last_patient:
+                    patients += 1
+                    last_patient = patient_id
+                if study_uid != last_study:
+                    studies += 1
+                    last_study = study_uid
     return InventoryStats(
         path=path,
         rows=rows,

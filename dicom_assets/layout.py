@@ -25,7 +25,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any, Iterator
 
 MAX_KEY_BYTES = 200
 _UID = re.compile(r"^(?!\.)(?!.*\.\.)[0-9.]{1,64}(?<!\.)$")
@@ -146,3 +149,24 @@ def instances_on_disk(series_directory: Path) -> dict[str, int]:
 def temp_name(final: Path, token: str) -> Path:
     """The hidden temp file an instance is written to before its atomic rename to ``final``."""
     return final.with_name(f".{final.name}.{token}.part")
+
+
+@contextmanager
+def atomic_file(path: Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[Any]]:
+    """Write ``path`` all at once: a hidden temp file beside it, fsynced, then renamed over it.
+
+    A reader never sees a half-written report; on any error the temp file is removed and the
+    previous ``path`` (if any) stays.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    try:
+        with open(temp, mode.replace("w", "x"), **open_kwargs) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise

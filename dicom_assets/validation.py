@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Literal, Mapping, Sequence
@@ -103,18 +101,8 @@ def write_validation_csv(rows: Sequence[SeriesValidation], path: Path) -> None:
     Atomic: written to a hidden temp file next to ``path``, fsynced, then renamed over it.
     Parent directories are created.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
-    try:
-        with open(temp, "x", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(VALIDATION_COLUMNS)
-            for row in rows:
-                writer.writerow([_cell(getattr(row, c)) for c in VALIDATION_COLUMNS])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    with layout.atomic_file(Path(path), newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(VALIDATION_COLUMNS)
+        for row in rows:
+            writer.writerow([_cell(getattr(row, c)) for c in VALIDATION_COLUMNS])

@@ -4,17 +4,15 @@
 import dagster as dg
 
 from dicom_assets.archive import ArchiveNotReady, build_patient_archive
-from dicom_assets.defs.partitions import patient_partitions, patients_backfill_policy
+from dicom_assets.defs.partitions import per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 
 
-@dg.asset(
+@per_patient_asset(
     group_name="archive",
     kinds={"zip"},
     deps=[downloaded_series],
-    partitions_def=patient_partitions,
-    backfill_policy=patients_backfill_policy,
 )
 def patient_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Zip each patient whose series are all complete; superseded zips go once the new one verifies."""

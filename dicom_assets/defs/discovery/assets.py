@@ -3,7 +3,7 @@
 
 import dagster as dg
 
-from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET, patient_partitions, patients_backfill_policy
+from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET, per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.discovery import discover_patients, discover_series, discover_studies
 
@@ -22,12 +22,10 @@ def patients(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> d
     return dg.MaterializeResult(metadata={**stats.metadata(), "partitions_added": len(new), "partitions_total": len(known) + len(new)})
 
 
-@dg.asset(
+@per_patient_asset(
     group_name="discovery",
     kinds={"dicom"},
     deps=[patients],
-    partitions_def=patient_partitions,
-    backfill_policy=patients_backfill_policy,
 )
 def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """The patient's studies (keyed by StudyInstanceUID), one C-FIND per patient."""
@@ -36,12 +34,10 @@ def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg
     return dg.MaterializeResult(metadata={**stats.metadata(), "patients": len(context.partition_keys)})
 
 
-@dg.asset(
+@per_patient_asset(
     group_name="discovery",
     kinds={"dicom"},
     deps=[studies],
-    partitions_def=patient_partitions,
-    backfill_policy=patients_backfill_policy,
 )
 def series(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """The series of every known study of the patient, with the PACS's expected instance counts."""

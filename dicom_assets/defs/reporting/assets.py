@@ -4,7 +4,7 @@
 import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
-from dicom_assets.defs.partitions import patient_partitions, patients_backfill_policy
+from dicom_assets.defs.partitions import per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 from dicom_assets.inventory import write_inventory
@@ -12,12 +12,10 @@ from dicom_assets.layout import patient_key
 from dicom_assets.validation import validate_patient, write_validation_csv
 
 
-@dg.asset(
+@per_patient_asset(
     group_name="reporting",
     kinds={"csv"},
     deps=[downloaded_series],
-    partitions_def=patient_partitions,
-    backfill_policy=patients_backfill_policy,
 )
 def validation_report(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Expected vs downloaded instance counts per series, as ``report_dir/validation/<patient>.csv``."""

@@ -4,17 +4,15 @@
 import dagster as dg
 
 from dicom_assets.defs.discovery.assets import series
-from dicom_assets.defs.partitions import patient_partitions, patients_backfill_policy
+from dicom_assets.defs.partitions import per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.retrieval import SeriesOutcome, release_dead_claims, retrieve_patients
 
 
-@dg.asset(
+@per_patient_asset(
     group_name="retrieval",
     kinds={"dicom"},
     deps=[series],
-    partitions_def=patient_partitions,
-    backfill_policy=patients_backfill_policy,
 )
 def downloaded_series(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """C-MOVE (or C-GET) each pending/incomplete/failed series of the patients into download_dir."""
