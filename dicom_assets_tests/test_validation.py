@@ -117,7 +117,7 @@ def test_write_validation_csv_is_atomic(seeded: tuple[StateStore, Path], tmp_pat
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(validation.os, "replace", failing_replace)
+    monkeypatch.setattr(layout.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         write_validation_csv(rows, out)
     assert out.read_text() == "previous\n"
