@@ -9,6 +9,10 @@ patient_partitions = dg.DynamicPartitionsDefinition(name=PATIENTS_PARTITION_SET)
 patients_backfill_policy = dg.BackfillPolicy.multi_run(max_partitions_per_run=200)
 
 
+#: The concurrency pool of every step that talks to the PACS (limited in dagster.yaml).
+PACS_POOL = "pacs"
+
+
 def per_patient_asset(**kwargs):  # type: ignore[no-untyped-def]
     """``@dg.asset`` partitioned per patient, many patients per run (see the backfill policy)."""
     return dg.asset(partitions_def=patient_partitions, backfill_policy=patients_backfill_policy, **kwargs)

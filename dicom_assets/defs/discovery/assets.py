@@ -3,12 +3,12 @@
 
 import dagster as dg
 
-from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET, per_patient_asset
+from dicom_assets.defs.partitions import PACS_POOL, PATIENTS_PARTITION_SET, per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.discovery import discover_patients, discover_series, discover_studies
 
 
-@dg.asset(group_name="discovery", kinds={"dicom"})
+@dg.asset(group_name="discovery", kinds={"dicom"}, pool=PACS_POOL)
 def patients(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Every PACS patient accepted by the selection rule, with one partition registered each."""
     keys, stats = discover_patients(dicom.pacs(), dicom.store(), dicom.selection_rule())
@@ -23,6 +23,7 @@ def patients(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> d
 
 
 @per_patient_asset(
+    pool=PACS_POOL,
     group_name="discovery",
     kinds={"dicom"},
     deps=[patients],
@@ -35,6 +36,7 @@ def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg
 
 
 @per_patient_asset(
+    pool=PACS_POOL,
     group_name="discovery",
     kinds={"dicom"},
     deps=[studies],

@@ -4,12 +4,13 @@
 import dagster as dg
 
 from dicom_assets.defs.discovery.assets import series
-from dicom_assets.defs.partitions import per_patient_asset
+from dicom_assets.defs.partitions import PACS_POOL, per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.retrieval import SeriesOutcome, release_dead_claims, retrieve_patients
 
 
 @per_patient_asset(
+    pool=PACS_POOL,
     group_name="retrieval",
     kinds={"dicom"},
     deps=[series],
