@@ -197,6 +197,26 @@ class DatabaseSettings(_Section):
         return value
 
 
+_CRON_FIELD = r"[\d*/,\-A-Za-z?]+"
+_CRON = re.compile(rf"^\s*{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}}\s*$")
+
+
+class ScheduleSettings(_Section):
+    """Cron strings (5 fields, the Dagster daemon's time zone) for the three recurring jobs."""
+
+    discovery: str = "0 2 * * *"  # daily: C-FIND patients, register new partitions
+    retrieval: str = "0 * * * *"  # hourly: the per-patient pipeline over every patient
+    inventory: str = "30 6 * * *"  # daily: the inventory CSV
+    timezone: str = "UTC"
+
+    @field_validator("discovery", "retrieval", "inventory")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        if not _CRON.match(value):
+            raise ValueError('must be a 5-field cron string such as "0 2 * * *"')
+        return value
+
+
 class Settings(_Section):
     pacs: PacsSettings
     receiver: ReceiverSettings = ReceiverSettings()
@@ -204,6 +224,7 @@ class Settings(_Section):
     paths: PathSettings
     archive: ArchiveSettings = ArchiveSettings()
     database: DatabaseSettings = DatabaseSettings()
+    schedules: ScheduleSettings = ScheduleSettings()
 
 
 def _substitute_env(value: Any, where: str) -> Any:

@@ -5,11 +5,14 @@ import dagster as dg
 from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.sensors import patient_archive_outdated
 from dicom_assets.defs.discovery.assets import patients, series, studies
+from dicom_assets.defs.discovery.schedules import discovery_schedule
 from dicom_assets.defs.jobs import discover_patients_job, patient_pipeline_job, write_inventory_job
 from dicom_assets.defs.reporting.assets import inventory, validation_report
 from dicom_assets.defs.reporting.checks import instance_counts_match
+from dicom_assets.defs.reporting.schedules import inventory_schedule
 from dicom_assets.defs.resources import dicom_resource
 from dicom_assets.defs.retrieval.assets import downloaded_series
+from dicom_assets.defs.retrieval.schedules import retrieval_schedule
 
 ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, validation_report, inventory]
 
@@ -17,6 +20,7 @@ defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=[instance_counts_match],
     jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
+    schedules=[discovery_schedule, retrieval_schedule, inventory_schedule],
     sensors=[patient_archive_outdated],
     resources={"dicom": dicom_resource()},
 )

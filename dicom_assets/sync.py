@@ -17,9 +17,8 @@ import dagster as dg
 
 from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_settings
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
+from dicom_assets.defs.retrieval.schedules import patient_range_requests
 from dicom_assets.store import StateStore
-
-CHUNK_PATIENTS = 200
 
 
 @dataclass
@@ -146,10 +145,8 @@ def run_sync(
     if printer:
         printer.__enter__()
     try:
-        for i in range(0, len(keys), CHUNK_PATIENTS):
-            chunk = keys[i : i + CHUNK_PATIENTS]
-            tags = {"dagster/asset_partition_range_start": chunk[0], "dagster/asset_partition_range_end": chunk[-1]}
-            result = _run(defs.resolve_job_def("patient_pipeline"), instance, report, tags)
+        for request in patient_range_requests(list(keys)):
+            result = _run(defs.resolve_job_def("patient_pipeline"), instance, report, dict(request.tags))
             _retrieval_figures(result, report)
     finally:
         if printer:

@@ -6,12 +6,13 @@ run's stored config); passwords inside it come from ``${VAR}`` references.
 
 
 import functools
+import os
 from pathlib import Path
 from typing import Sequence
 
 import dagster as dg
 
-from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_selection_rule, load_settings
+from dicom_assets.config import CONFIG_ENV_VAR, ScheduleSettings, Settings, load_selection_rule, load_settings
 from dicom_assets.pacs.budget import DatabaseBudget, budget_window_s, pacs_key
 from dicom_assets.pacs.client import PacsClient
 from dicom_assets.store import StateStore
@@ -73,3 +74,15 @@ class DicomAssetsResource(dg.ConfigurableResource):
 
 def dicom_resource() -> DicomAssetsResource:
     return DicomAssetsResource(config_path=dg.EnvVar(CONFIG_ENV_VAR))
+
+
+def schedule_settings() -> ScheduleSettings:
+    """The cron strings, read when the code location loads (defaults without a config file).
+
+    Schedules are part of the definitions, so they are fixed when Dagster loads the code; after
+    changing them in the config, reload the code location (UI: "Reload definitions").
+    """
+    path = os.environ.get(CONFIG_ENV_VAR)
+    if not path or not Path(path).exists():
+        return ScheduleSettings()
+    return load_settings(path).schedules
