@@ -217,6 +217,22 @@ class ScheduleSettings(_Section):
         return value
 
 
+class HeartbeatSettings(_Section):
+    """Optional healthchecks.io-style check URLs per job (``/start``, success, ``/fail``)."""
+
+    discovery: str | None = None  # job discover_patients
+    retrieval: str | None = None  # job patient_pipeline
+    inventory: str | None = None  # job write_inventory
+    archive: str | None = None  # runs requested by the archive sensor
+
+    @field_validator("discovery", "retrieval", "inventory", "archive")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class Settings(_Section):
     pacs: PacsSettings
     receiver: ReceiverSettings = ReceiverSettings()
@@ -225,6 +241,7 @@ class Settings(_Section):
     archive: ArchiveSettings = ArchiveSettings()
     database: DatabaseSettings = DatabaseSettings()
     schedules: ScheduleSettings = ScheduleSettings()
+    heartbeats: HeartbeatSettings = HeartbeatSettings()
 
 
 def _substitute_env(value: Any, where: str) -> Any:

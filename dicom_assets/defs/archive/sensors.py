@@ -4,6 +4,7 @@
 import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
+from dicom_assets.defs.heartbeats.sensors import ARCHIVE_TAG
 from dicom_assets.defs.resources import DicomAssetsResource
 
 CHUNK = 500
@@ -26,7 +27,7 @@ def patient_archive_outdated(context: dg.SensorEvaluationContext, dicom: DicomAs
         dg.RunRequest(
             partition_key=c.partition_key,
             run_key=f"{c.partition_key}:{c.series_count}:{c.archived_series_count}",
-            tags={"dicom_assets/reason": f"series count {c.archived_series_count} -> {c.series_count}"},
+            tags={ARCHIVE_TAG: f"series count {c.archived_series_count} -> {c.series_count}"},
         )
         for c in candidates
     ]
