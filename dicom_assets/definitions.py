@@ -6,6 +6,7 @@ from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.sensors import patient_archive_outdated
 from dicom_assets.defs.discovery.assets import patients, series, studies
 from dicom_assets.defs.discovery.schedules import discovery_schedule
+from dicom_assets.defs.discovery.sensors import new_patients
 from dicom_assets.defs.heartbeats.sensors import heartbeat_fail, heartbeat_start, heartbeat_success
 from dicom_assets.defs.jobs import discover_patients_job, patient_pipeline_job, write_inventory_job
 from dicom_assets.defs.reporting.assets import inventory, validation_report
@@ -22,6 +23,6 @@ defs = dg.Definitions(
     asset_checks=[instance_counts_match],
     jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
     schedules=[discovery_schedule, retrieval_schedule, inventory_schedule],
-    sensors=[patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
+    sensors=[new_patients, patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
     resources={"dicom": dicom_resource()},
 )
