@@ -322,3 +322,24 @@ def build_patient_archive(
         up_to_date=False,
         removed_superseded=removed,
     )
+
+
+def archive_problems(archive_dir: Path, record: ArchiveRecord) -> list[str]:
+    """What is wrong with a recorded archive on disk: missing, another size, another SHA-256.
+
+    The zip was verified member by member before it was renamed into place; an unchanged
+    SHA-256 proves it is still that zip, at the cost of one sequential read.
+    """
+    path = _archive_path(Path(archive_dir), record.file_name)
+    if not path.is_file():
+        return [f"{record.file_name} is missing from {archive_dir}"]
+    size = path.stat().st_size
+    if size != record.bytes:
+        return [f"{record.file_name} is {size} bytes, {record.bytes} when it was written"]
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ_CHUNK):
+            digest.update(chunk)
+    if digest.hexdigest() != record.sha256:
+        return [f"{record.file_name} has changed since it was written (SHA-256 differs)"]
+    return []

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
+from dicom_assets.defs.archive.checks import archive_intact
 from dicom_assets.defs.archive.sensors import patient_archive_outdated
 from dicom_assets.defs.discovery.assets import patients, series, studies
 from dicom_assets.defs.discovery.schedules import discovery_schedule
@@ -10,7 +11,7 @@ from dicom_assets.defs.discovery.sensors import new_patients
 from dicom_assets.defs.heartbeats.sensors import heartbeat_fail, heartbeat_start, heartbeat_success
 from dicom_assets.defs.jobs import discover_patients_job, patient_pipeline_job, write_inventory_job
 from dicom_assets.defs.reporting.assets import inventory, validation_report
-from dicom_assets.defs.reporting.checks import instance_counts_match
+from dicom_assets.defs.reporting.checks import instance_counts_match, inventory_complete
 from dicom_assets.defs.reporting.schedules import inventory_schedule
 from dicom_assets.defs.resources import dicom_resource
 from dicom_assets.defs.retrieval.assets import downloaded_series
@@ -20,7 +21,7 @@ ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, val
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
-    asset_checks=[instance_counts_match],
+    asset_checks=[instance_counts_match, archive_intact, inventory_complete],
     jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
     schedules=[discovery_schedule, retrieval_schedule, inventory_schedule],
     sensors=[new_patients, patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],

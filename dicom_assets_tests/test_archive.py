@@ -325,3 +325,21 @@ def test_failed_verification_keeps_previous_archive(
     monkeypatch.setattr(archive, "_write_zip", real_write)
     fixed = build_patient_archive(store, download_dir, archive_dir, "P")
     assert fixed.instance_count == 7 and fixed.removed_superseded == (previous.file_name,)
+
+
+def test_archive_problems_finds_missing_resized_and_altered_zips(store: StateStore, dirs: tuple[Path, Path]) -> None:
+    from dicom_assets.archive import archive_problems
+
+    download_dir, archive_dir = dirs
+    _patient(store, download_dir, "P-CHECK")
+    result = build_patient_archive(store, download_dir, archive_dir, "P-CHECK")
+    record = store.latest_archive("P-CHECK")
+    assert archive_problems(archive_dir, record) == []
+    data = bytearray(result.path.read_bytes())
+    data[100] ^= 0xFF  # same size, one byte flipped
+    result.path.write_bytes(bytes(data))
+    assert archive_problems(archive_dir, record) == [f"{result.file_name} has changed since it was written (SHA-256 differs)"]
+    result.path.write_bytes(bytes(data[:-1]))
+    assert "bytes" in archive_problems(archive_dir, record)[0]
+    result.path.unlink()
+    assert "missing" in archive_problems(archive_dir, record)[0]

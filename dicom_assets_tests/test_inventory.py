@@ -111,3 +111,21 @@ def test_write_inventory_is_atomic(seeded: StateStore, tmp_path: Path, monkeypat
     monkeypatch.undo()
     assert write_inventory(seeded, out).rows == 5
     assert inventory.INVENTORY_COLUMNS[0] == "patient_id"
+
+
+def test_inventory_problems_and_summary(seeded: StateStore, tmp_path: Path) -> None:
+    from dicom_assets.inventory import inventory_problems
+
+    out = tmp_path / "inventory.csv"
+    stats = write_inventory(seeded, out, chunk_rows=2)
+    assert inventory_problems(seeded, out) == (5, [])
+    assert sum(stats.by_status_modality.values()) == 5
+    assert sum(stats.bytes_by_month.values()) == stats.bytes
+    markdown = stats.summary_markdown()
+    assert "| status |" in markdown and "Downloaded MB by study month" in markdown
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2] + lines[1:2] + lines[3:]))  # row 2 twice, row 3 gone
+    rows, problems = inventory_problems(seeded, out)
+    assert rows == 5
+    assert any("more than once" in p for p in problems) and any("not in the inventory" in p for p in problems)
+    assert inventory_problems(seeded, tmp_path / "nope.csv")[1] == [f"{tmp_path / 'nope.csv'} does not exist: materialize inventory"]

@@ -618,6 +618,11 @@ class StateStore:
                 .values(removed_at=self._now())
             )
 
+    def all_series_uids(self) -> list[str]:
+        """Every SeriesInstanceUID in the state DB (for the inventory completeness check)."""
+        with self._read() as conn:
+            return list(conn.execute(sa.select(t.series.c.series_instance_uid)).scalars())
+
     def latest_archive(self, patient_id: str) -> ArchiveRecord | None:
         """The patient's most recent archive record, or None."""
         a = t.archives.c

@@ -54,5 +54,6 @@ def inventory(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> 
             "bytes": stats.bytes,
             "seconds": round(stats.seconds, 3),
             **{f"series_{k}": v for k, v in stats.by_status.items()},
+            "summary": dg.MetadataValue.md(stats.summary_markdown()),
         }
     )
