@@ -59,6 +59,7 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
         outputs = [p.communicate(timeout=180) for p in procs]
         elapsed = time.monotonic() - started
         served, peak, resets = pacs.requests_served, pacs.peak_requests_per_minute, pacs.resets_triggered
+        by_kind = pacs.requests_by_kind()
 
     for proc, (out, err) in zip(procs, outputs):
         assert proc.returncode == 0, out[-2000:] + err[-4000:]
@@ -79,3 +80,5 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
     assert stats["granted"] == served  # every request the PACS saw took a token from the shared budget
     on_disk = list((tmp_path / "downloads").rglob("*.dcm"))
     assert len(on_disk) == cohort.instances
+    # Three independent workers (processes) sharing the state DB never fetched a series twice.
+    assert by_kind.get("C-GET") == len(cohort.series), by_kind
