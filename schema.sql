@@ -68,6 +68,9 @@ CREATE TABLE IF NOT EXISTS archives (
     date_modified   TIMESTAMPTZ NOT NULL DEFAULT now()
 );
 CREATE INDEX IF NOT EXISTS archives_patient_idx ON archives (patient_id, archive_id);
+-- Publishing to a second site (publish.directory): where and when this zip was copied, verified.
+ALTER TABLE archives ADD COLUMN IF NOT EXISTS published_to TEXT;
+ALTER TABLE archives ADD COLUMN IF NOT EXISTS published_at TIMESTAMPTZ;
 
 -- The PACS request budget shared by every process and run (dicom_assets.pacs.budget.DatabaseBudget).
 -- One row per PACS, locked FOR UPDATE by each token request, so grants to one PACS are serialised.

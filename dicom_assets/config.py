@@ -233,6 +233,20 @@ class HeartbeatSettings(_Section):
         return value
 
 
+class PublishSettings(_Section):
+    """Copy every verified zip to a second site's storage, mounted as a directory."""
+
+    directory: Path | None = None  # e.g. /mnt/partner-site/dicom; unset = publishing is off
+    heartbeat: str | None = None  # healthchecks.io-style URL pinged by published_archive
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class Settings(_Section):
     pacs: PacsSettings
     receiver: ReceiverSettings = ReceiverSettings()
@@ -242,6 +256,7 @@ class Settings(_Section):
     database: DatabaseSettings = DatabaseSettings()
     schedules: ScheduleSettings = ScheduleSettings()
     heartbeats: HeartbeatSettings = HeartbeatSettings()
+    publish: PublishSettings = PublishSettings()
 
 
 def _substitute_env(value: Any, where: str) -> Any:
@@ -289,6 +304,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Pa
             path = getattr(settings.paths, name)
             if not path.is_absolute():
                 setattr(settings.paths, name, (base_dir / path).resolve())
+        if settings.publish.directory is not None and not settings.publish.directory.is_absolute():
+            settings.publish.directory = (base_dir / settings.publish.directory).resolve()
         if settings.database.url.startswith("sqlite:///") and not settings.database.url.startswith("sqlite:////"):
             rel = settings.database.url.removeprefix("sqlite:///")
             if rel and rel != ":memory:":

@@ -4,6 +4,7 @@ import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.checks import archive_intact
+from dicom_assets.defs.archive.publish import published_archive
 from dicom_assets.defs.archive.sensors import patient_archive_outdated
 from dicom_assets.defs.discovery.assets import patients, series, studies
 from dicom_assets.defs.discovery.schedules import discovery_schedule
@@ -17,7 +18,7 @@ from dicom_assets.defs.resources import dicom_resource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 from dicom_assets.defs.retrieval.schedules import retrieval_schedule
 
-ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, validation_report, inventory]
+ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, published_archive, validation_report, inventory]
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,

@@ -79,6 +79,8 @@ class ArchiveRecord:
     created_at: datetime | None = None
     superseded_at: datetime | None = None
     removed_at: datetime | None = None
+    published_to: str | None = None
+    published_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,8 @@ def _archive_record(row: Any) -> ArchiveRecord:
         created_at=_utc(m["date_created"]),
         superseded_at=_utc(m["superseded_at"]),
         removed_at=_utc(m["removed_at"]),
+        published_to=m["published_to"],
+        published_at=_utc(m["published_at"]),
     )
 
 
@@ -616,6 +618,15 @@ class StateStore:
                 sa.update(t.archives)
                 .where(a.archive_id == archive_id, a.removed_at.is_(None))
                 .values(removed_at=self._now())
+            )
+
+    def mark_archive_published(self, archive_id: int, destination: str) -> None:
+        """Record that the archive was copied to ``destination`` and verified there."""
+        with self._write() as conn:
+            conn.execute(
+                sa.update(t.archives)
+                .where(t.archives.c.archive_id == archive_id)
+                .values(published_to=destination, published_at=self._now())
             )
 
     def all_series_uids(self) -> list[str]:

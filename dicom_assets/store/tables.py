@@ -133,6 +133,9 @@ archives = sa.Table(
     sa.Column("superseded_at", sa.DateTime(timezone=True)),
     sa.Column("removed_at", sa.DateTime(timezone=True)),
     *_timestamps(),
+    # added later by ALTER TABLE in schema.sql, hence after the timestamps
+    sa.Column("published_to", sa.Text),
+    sa.Column("published_at", sa.DateTime(timezone=True)),
     sa.Index("archives_patient_idx", "patient_id", "archive_id"),
 )
 
