@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import time
 import zipfile
 from dataclasses import dataclass
@@ -185,7 +184,7 @@ def _archive_path(archive_dir: Path, file_name: str) -> Path:
 
 def _temp_name(name: str) -> str:
     """Hidden ``.<name>.<token>.part``; a digest of the name stands in when that is too long."""
-    token = secrets.token_hex(8)
+    token = layout.temp_token()
     temp = f".{name}.{token}.part"
     if len(temp.encode("utf-8")) > _MAX_NAME_BYTES:
         temp = f".{hashlib.sha256(name.encode('utf-8')).hexdigest()[:32]}.zip.{token}.part"
@@ -285,6 +284,7 @@ def build_patient_archive(
             removed_superseded=removed,
         )
 
+    layout.remove_stale_temps(archive_dir)  # zip-sized leftovers of killed archivers
     temp = _archive_path(archive_dir, _temp_name(name))
     try:
         sha256 = _write_zip(temp, members, compression_level)

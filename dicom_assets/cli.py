@@ -170,6 +170,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dicom-assets: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except _state_db_errors() as exc:
+        print(f"dicom-assets: the state DB is unreachable ({type(exc).__name__}); nothing already "
+              f"downloaded is lost, run the same command again when it is back", file=sys.stderr)
+        return 1
+
+
+def _state_db_errors() -> tuple[type[BaseException], ...]:
+    """SQLAlchemy's connection-level errors (imported late: the CLI starts without SQLAlchemy)."""
+    import sqlalchemy.exc
+
+    return (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 
 
 if __name__ == "__main__":

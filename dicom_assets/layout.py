@@ -146,6 +146,47 @@ def instances_on_disk(series_directory: Path) -> dict[str, int]:
     return found
 
 
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", __import__("socket").gethostname()) or "host"
+_STALE_TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]+)~(?P<pid>\d+)~[0-9a-f]+\.part$")
+
+
+def temp_token() -> str:
+    """``<host>~<pid>~<random>``: lets a later process tell a dead writer's temp file from a live one's."""
+    return f"{_HOST}~{os.getpid()}~{secrets.token_hex(4)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temps(directory: Path) -> int:
+    """Delete hidden ``.part`` files left in ``directory`` by dead writers on this host.
+
+    A process killed mid-write leaves its temp file behind (never a truncated final file);
+    without this, every ``kill -9`` during archiving would leak a zip-sized file.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return 0
+    for entry in entries:
+        match = _STALE_TEMP.match(entry.name)
+        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+    return removed
+
+
 def temp_name(final: Path, token: str) -> Path:
     """The hidden temp file an instance is written to before its atomic rename to ``final``."""
     return final.with_name(f".{final.name}.{token}.part")
@@ -160,7 +201,7 @@ def atomic_file(path: Path, mode: str = "w", **open_kwargs: Any) -> Iterator[IO[
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.part")
+    temp = path.with_name(f".{path.name}.{temp_token()}.part")
     try:
         with open(temp, mode.replace("w", "x"), **open_kwargs) as handle:
             yield handle

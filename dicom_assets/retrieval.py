@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from dicom_assets.config import Settings
-from dicom_assets.layout import instances_on_disk, series_dir
+from dicom_assets.layout import instances_on_disk, remove_stale_temps, series_dir
 from dicom_assets.pacs.client import (
     MoveDestinationUnknown,
     PacsClient,
@@ -164,6 +164,7 @@ class SeriesRetriever:
         missing: list[str] | None = None
         flight: InFlightRetrieve | None = None
         try:
+            remove_stale_temps(directory)  # instances a killed receiver was writing
             on_disk = instances_on_disk(directory)
             if expected is None or 0 < len(on_disk) < expected:
                 uids = self._instance_uids(series)

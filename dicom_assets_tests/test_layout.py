@@ -83,3 +83,23 @@ def test_instances_on_disk_ignores_temp_files_and_strangers(tmp_path: Path) -> N
     (tmp_path / "subdir.dcm").mkdir()
     assert instances_on_disk(tmp_path) == {"1.2.3.4": 10}
     assert instances_on_disk(tmp_path / "missing") == {}
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path: Path) -> None:
+    import os
+    import subprocess
+
+    from dicom_assets.layout import _HOST, remove_stale_temps, temp_token
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".1.2.3.dcm.{_HOST}~{dead.pid}~abcd.part"
+    live = temp_name(tmp_path / "1.2.4.dcm", temp_token())  # this process: alive
+    foreign = tmp_path / f".1.2.5.dcm.otherhost~{dead.pid}~abcd.part"  # another machine's: unknowable
+    final = tmp_path / "1.2.6.dcm"
+    for path in (stale, live, foreign, final):
+        path.write_bytes(b"x")
+    assert str(os.getpid()) in live.name
+    assert remove_stale_temps(tmp_path) == 1
+    assert not stale.exists() and live.exists() and foreign.exists() and final.exists()
+    assert remove_stale_temps(tmp_path / "missing") == 0

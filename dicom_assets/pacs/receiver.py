@@ -21,7 +21,6 @@ import logging
 import os
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom import AE, evt, transport
 
-from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name
+from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name, temp_token
 from dicom_assets.pacs.contexts import receiver_contexts
 from dicom_assets.pacs.sockets import enable_tcp_nodelay
 
@@ -129,7 +128,7 @@ class InstanceSink:
         if final.exists():
             flight.note_arrival(0, duplicate=True)
             return STATUS_SUCCESS
-        tmp = temp_name(final, uuid.uuid4().hex[:12])
+        tmp = temp_name(final, temp_token())
         try:
             flight.directory.mkdir(parents=True, exist_ok=True)
             data = event.encoded_dataset()
