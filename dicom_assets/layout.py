@@ -155,7 +155,8 @@ def temp_token() -> str:
     return f"{_HOST}~{os.getpid()}~{secrets.token_hex(4)}"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -178,7 +179,7 @@ def remove_stale_temps(directory: Path) -> int:
         return 0
     for entry in entries:
         match = _STALE_TEMP.match(entry.name)
-        if match and match["host"] == _HOST and not _pid_alive(int(match["pid"])):
+        if match and match["host"] == _HOST and not pid_alive(int(match["pid"])):
             try:
                 os.unlink(entry.path)
                 removed += 1

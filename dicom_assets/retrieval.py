@@ -35,7 +35,7 @@ from typing import Callable, Sequence
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
 
 from dicom_assets.config import Settings
-from dicom_assets.layout import instances_on_disk, remove_stale_temps, series_dir
+from dicom_assets.layout import instances_on_disk, pid_alive, remove_stale_temps, series_dir
 from dicom_assets.pacs.client import (
     MoveDestinationUnknown,
     PacsClient,
@@ -121,16 +121,6 @@ def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def release_dead_claims(store: StateStore) -> int:
     """Release claims whose holder is dead: expired leases, and dead processes on this host.
 
@@ -141,7 +131,7 @@ def release_dead_claims(store: StateStore) -> int:
     dead = []
     for holder in store.claim_holders():
         parts = holder.rsplit(":", 2)
-        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not _pid_alive(int(parts[1])):
+        if len(parts) == 3 and parts[0] == host and parts[1].isdigit() and not pid_alive(int(parts[1])):
             dead.append(holder)
     return store.release_expired_claims() + store.release_claims_of(dead)
 
