@@ -82,6 +82,17 @@ def discover_patients(client: PacsClient, store: StateStore, rule: Callable[[Dat
     return sorted(patient_key(pid) for pid in records), stats
 
 
+def _valid_uid(ds: Dataset, keyword: str, where: str, stats: DiscoveryStats) -> str | None:
+    """The identifier's UID if it is safe to use as a path component; else log, count, None."""
+    raw = str(ds.get(keyword, ""))
+    try:
+        return check_uid(raw, keyword)
+    except UnsafeNameError as exc:
+        log.warning("%s: ignoring a result: %s", where, exc)
+        stats.skipped.append(raw)
+        return None
+
+
 def discover_studies(client: PacsClient, store: StateStore, patient_ids: Sequence[str]) -> DiscoveryStats:
     """C-FIND the studies of each patient (one request per patient) and upsert them."""
     started = time.monotonic()
@@ -90,11 +101,8 @@ def discover_studies(client: PacsClient, store: StateStore, patient_ids: Sequenc
     with client.session() as session:
         for pid in patient_ids:
             for ds in session.find_studies(pid):
-                try:
-                    uid = check_uid(str(ds.get("StudyInstanceUID", "")), "StudyInstanceUID")
-                except UnsafeNameError as exc:
-                    log.warning("patient %r: ignoring a study: %s", pid, exc)
-                    stats.skipped.append(str(ds.get("StudyInstanceUID", "")))
+                uid = _valid_uid(ds, "StudyInstanceUID", f"patient {pid!r}", stats)
+                if uid is None:
                     continue
                 records.append(
                     StudyRecord(
@@ -125,11 +133,8 @@ def discover_series(client: PacsClient, store: StateStore, patient_ids: Sequence
         for pid in patient_ids:
             for study in store.studies_of(pid):
                 for ds in session.find_series(study.study_instance_uid):
-                    try:
-                        uid = check_uid(str(ds.get("SeriesInstanceUID", "")), "SeriesInstanceUID")
-                    except UnsafeNameError as exc:
-                        log.warning("study %s: ignoring a series: %s", study.study_instance_uid, exc)
-                        stats.skipped.append(str(ds.get("SeriesInstanceUID", "")))
+                    uid = _valid_uid(ds, "SeriesInstanceUID", f"study {study.study_instance_uid}", stats)
+                    if uid is None:
                         continue
                     records.append(_series_record(ds, uid, study.study_instance_uid, pid))
         stats.requests = session.requests
