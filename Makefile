@@ -5,9 +5,10 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
 DEMO_DIR ?= demo-work
 
-.PHONY: install demo test dev services clean
+.PHONY: install demo test dev services bench clean
 
 $(STAMP): pyproject.toml scripts/bootstrap.sh
 	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)"
@@ -26,6 +27,14 @@ test: install services
 
 services:
 	scripts/ensure-services.sh
+
+# The benchmark's extras (matplotlib for the chart) are installed here only, so `make test` stays lean.
+$(BENCH_STAMP): $(STAMP)
+	scripts/bootstrap.sh "$(PYTHON)" "$(VENV)" test,bench
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) services
+	$(BIN)/python -m benchmarks.run --out benchmarks/results.md
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache

@@ -108,3 +108,31 @@ BEGIN
     END LOOP;
 END;
 $$;
+
+-- Incremental discovery (dicom_assets.discovery). The PACS's computed counts as last answered, and
+-- "outdated since" marks: set when a row is new or its counts changed, NULL once the level below
+-- was queried again. Existing rows get now(), so an upgraded DB checks everything once.
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS related_studies INTEGER;         -- NumberOfPatientRelatedStudies
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS related_series INTEGER;          -- NumberOfPatientRelatedSeries
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS related_instances INTEGER;       -- NumberOfPatientRelatedInstances
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS studies_outdated_at TIMESTAMPTZ DEFAULT now();  -- NULL: studies known
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS related_series INTEGER;           -- NumberOfStudyRelatedSeries
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS related_instances INTEGER;        -- NumberOfStudyRelatedInstances
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS series_outdated_at TIMESTAMPTZ DEFAULT now();    -- NULL: series known
+
+-- One row per PACS ("host:port/called_ae", like pacs_budgets): the date watermark of discovery.
+CREATE TABLE IF NOT EXISTS discovery_watermarks (
+    pacs_key        TEXT PRIMARY KEY,
+    watermark       TEXT NOT NULL,                   -- DICOM DA: local date the last complete pass started
+    passed_at       TIMESTAMPTZ NOT NULL,            -- when that pass ended
+    full_pass_at    TIMESTAMPTZ                      -- when the last full pass (every StudyDate) ended
+);
+
+-- Claims at scale (StateStore.claim_next_series). claimed_in_run: the retrieval run that last
+-- claimed the series; a run skips series it already claimed (instead of sending an ever longer
+-- NOT IN list). series_claim_idx is the claim order over not-complete series only, so a claim
+-- reads a few index entries however many of a million series are complete.
+ALTER TABLE series ADD COLUMN IF NOT EXISTS claimed_in_run TEXT;
+CREATE INDEX IF NOT EXISTS series_claim_idx
+    ON series (patient_id, study_instance_uid, series_number, series_instance_uid)
+    WHERE download_status <> 'complete';

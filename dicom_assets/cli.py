@@ -40,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="one complete pass against the configured PACS (runs show in the Dagster UI)")
     sync.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
     sync.add_argument("--no-progress", action="store_true", help="no progress display")
+    sync.add_argument(
+        "--full-discovery", action="store_true",
+        help="ask the PACS for studies of every StudyDate, not only those since the watermark (see discovery: in the config)",
+    )  # fmt: skip
+    sync.add_argument(
+        "--json-summary", type=Path, metavar="PATH",
+        help="also write the pass's figures (retrieval seconds/bytes/instances, status counts, runs) as JSON to PATH",
+    )  # fmt: skip
 
     status = sub.add_parser("status", help="series by download status, patients archived / pending")
     status.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
@@ -81,7 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_sync(args: argparse.Namespace) -> int:
     from dicom_assets.sync import run_sync
 
-    report = run_sync(args.config, progress=not args.no_progress)
+    report = run_sync(args.config, progress=not args.no_progress, full_discovery=args.full_discovery)
+    if args.json_summary:  # machine-readable figures, e.g. for benchmarks/run.py
+        import dataclasses
+        import json
+
+        args.json_summary.write_text(json.dumps({**dataclasses.asdict(report), "ok": report.ok}, indent=2) + "\n")
     counts = report.status_counts
     print(
         f"series: {counts.get('complete', 0)} complete, {counts.get('incomplete', 0)} incomplete, "

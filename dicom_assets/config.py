@@ -10,6 +10,7 @@ import importlib
 import ipaddress
 import os
 import re
+import shlex
 from datetime import time as dtime
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -197,6 +198,13 @@ class DatabaseSettings(_Section):
         return value
 
 
+class DiscoverySettings(_Section):
+    """Incremental discovery: which StudyDates a pass asks for, and how often it asks for all."""
+
+    recheck_days: int = Field(30, ge=0, description="an incremental pass asks StudyDate >= watermark - this")
+    full_every_days: int = Field(7, ge=0, description="a full pass (every StudyDate) when the last is this old")
+
+
 _CRON_FIELD = r"[\d*/,\-A-Za-z?]+"
 _CRON = re.compile(rf"^\s*{_CRON_FIELD}(\s+{_CRON_FIELD}){{4}}\s*$")
 
@@ -233,11 +241,45 @@ class HeartbeatSettings(_Section):
         return value
 
 
-class PublishSettings(_Section):
-    """Copy every verified zip to a second site's storage, mounted as a directory."""
+#: ``[user@]host:/absolute/path`` (host may be ``[IPv6]``); rsync's remote-shell syntax, no daemon ``::``.
+RSYNC_TARGET = re.compile(
+    r"^(?P<login>(?:[A-Za-z0-9][A-Za-z0-9._-]*@)?(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9._-]*))"
+    r":(?P<path>/[^\x00-\x1f]*)$"
+)
 
-    directory: Path | None = None  # e.g. /mnt/partner-site/dicom; unset = publishing is off
+
+class PublishSettings(_Section):
+    """Copy every verified zip to a second site: a mounted directory, or rsync over SSH."""
+
+    directory: Path | None = None  # e.g. /mnt/partner-site/dicom; unset (and no rsync_target) = off
+    rsync_target: str | None = None  # e.g. dicom@partner.example.org:/srv/share/dicom
+    ssh_command: str = "ssh -o BatchMode=yes"  # remote shell for rsync_target; add -p PORT here
+    ssh_key: Path | None = None  # private key for rsync_target (ssh -i); relative = to the config file
     heartbeat: str | None = None  # healthchecks.io-style URL pinged by published_archive
+
+    @field_validator("rsync_target")
+    @classmethod
+    def _rsync_target(cls, value: str | None) -> str | None:
+        if value is not None and ("://" in value or not RSYNC_TARGET.match(value)):
+            raise ValueError('must look like "user@host:/absolute/path" (rsync over SSH)')
+        return value
+
+    @field_validator("ssh_command")
+    @classmethod
+    def _ssh_command(cls, value: str) -> str:
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            raise ValueError(f"cannot be split into words: {exc}") from None
+        if not words:
+            raise ValueError('must name the ssh program, e.g. "ssh -o BatchMode=yes"')
+        return value
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> "PublishSettings":
+        if self.directory is not None and self.rsync_target is not None:
+            raise ValueError("set either publish.directory or publish.rsync_target, not both")
+        return self
 
     @field_validator("heartbeat")
     @classmethod
@@ -254,6 +296,7 @@ class Settings(_Section):
     paths: PathSettings
     archive: ArchiveSettings = ArchiveSettings()
     database: DatabaseSettings = DatabaseSettings()
+    discovery: DiscoverySettings = DiscoverySettings()
     schedules: ScheduleSettings = ScheduleSettings()
     heartbeats: HeartbeatSettings = HeartbeatSettings()
     publish: PublishSettings = PublishSettings()
@@ -306,6 +349,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Pa
                 setattr(settings.paths, name, (base_dir / path).resolve())
         if settings.publish.directory is not None and not settings.publish.directory.is_absolute():
             settings.publish.directory = (base_dir / settings.publish.directory).resolve()
+        if settings.publish.ssh_key is not None and not settings.publish.ssh_key.is_absolute():
+            settings.publish.ssh_key = (base_dir / settings.publish.ssh_key).resolve()
         if settings.database.url.startswith("sqlite:///") and not settings.database.url.startswith("sqlite:////"):
             rel = settings.database.url.removeprefix("sqlite:///")
             if rel and rel != ":memory:":

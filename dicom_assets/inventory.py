@@ -1,14 +1,21 @@
 """The inventory: one CSV row per series with its patient, study, download state and archive.
 
-Streamed from the state DB in chunks (StateStore.iter_inventory), so a million series never sit
-in memory at once; written to a hidden temp file and renamed, so readers never see half a file.
+Streamed from the state DB in chunks of rows (StateStore.iter_inventory_rows, one query, one
+snapshot) straight into Python's C csv writer, so a million series never sit in memory at once
+and no DataFrame is built; written to a hidden temp file and renamed, so readers never see half a
+file. The summaries (series by status and modality, bytes by study month) are tallied from the
+same rows, so they describe exactly the file written.
 """
 
 from __future__ import annotations
 
+import csv
 import time
+from collections import Counter
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 from dicom_assets import layout
 from dicom_assets.store.state import StateStore
@@ -77,64 +84,109 @@ class InventoryStats:
         return "\n".join(lines)
 
 
-def write_inventory(store: StateStore, path: Path, chunk_rows: int = 50_000) -> InventoryStats:
-    """Stream store.iter_inventory chunks to CSV at a temp name next to ``path``, then rename.
+_PATIENT, _STUDY, _STUDY_DATE, _MODALITY, _BYTES, _STATUS, _DOWNLOADED_AT = (
+    INVENTORY_COLUMNS.index(name)
+    for name in (
+        "patient_id", "study_instance_uid", "study_date", "modality", "downloaded_bytes", "download_status",
+        "downloaded_at",
+    )
+)  # fmt: skip
 
-    Creates parent directories. With no series the file holds just the header. Patients and
-    studies are counted from the ordered stream (a study's rows are contiguous), in O(1) memory.
+
+@dataclass
+class _Tally:
+    """Running counts over the ordered inventory rows, in memory that does not grow with them
+    (a few dozen status/modality/month keys)."""
+
+    rows: int = 0
+    patients: int = 0
+    studies: int = 0
+    bytes: int = 0
+    status_modality: Counter = field(default_factory=Counter)
+    bytes_by_study_month: dict[str, int] = field(default_factory=dict)
+    last_patient: object = None
+    last_study: object = None
+
+    def add(self, rows: Sequence[Sequence[Any]]) -> None:
+        """Fold one chunk in. Patients and studies are counted as changes along the stream (the
+        query orders by patient, and a study's rows are contiguous)."""
+        self.rows += len(rows)
+        self.bytes += sum(map(itemgetter(_BYTES), rows))
+        self.status_modality.update(zip(map(itemgetter(_STATUS), rows), map(itemgetter(_MODALITY), rows)))
+        months = self.bytes_by_study_month
+        for date, size in zip(map(itemgetter(_STUDY_DATE), rows), map(itemgetter(_BYTES), rows)):
+            month = date[:6] if date else ""
+            months[month] = months.get(month, 0) + size
+        for patient, study in zip(map(itemgetter(_PATIENT), rows), map(itemgetter(_STUDY), rows)):
+            if study != self.last_study:
+                self.studies += 1
+                self.last_study = study
+            if patient != self.last_patient:
+                self.patients += 1
+                self.last_patient = patient
+
+    def stats(self, path: Path, seconds: float) -> InventoryStats:
+        by_status: dict[str, int] = dict.fromkeys(SERIES_STATUSES, 0)
+        by_status_modality: dict[tuple[str, str], int] = {}
+        for (status, modality), n in self.status_modality.items():
+            by_status[status] = by_status.get(status, 0) + n
+            key = (status, modality if modality is not None else "?")
+            by_status_modality[key] = by_status_modality.get(key, 0) + n
+        bytes_by_month = {
+            (f"{month[:4]}-{month[4:]}" if month else "unknown"): size
+            for month, size in self.bytes_by_study_month.items()
+        }
+        return InventoryStats(
+            path=path,
+            rows=self.rows,
+            patients=self.patients,
+            studies=self.studies,
+            bytes=self.bytes,
+            seconds=seconds,
+            by_status=by_status,
+            by_status_modality=by_status_modality,
+            bytes_by_month=bytes_by_month,
+        )
+
+
+def _csv_rows(rows: Iterable[Sequence[Any]]) -> Iterable[Sequence[Any]]:
+    """Rows as the csv module writes them: NULL as an empty field, downloaded_at as ISO 8601 UTC
+    (``2024-05-01 12:00:00.250000+00:00``, the fraction only when there is one)."""
+    at = _DOWNLOADED_AT
+    for row in rows:
+        if row[at] is None:
+            yield row
+        else:
+            yield (*row[:at], row[at].isoformat(sep=" "), *row[at + 1 :])
+
+
+def write_inventory(store: StateStore, path: Path, chunk_rows: int = 10_000) -> InventoryStats:
+    """Stream store.iter_inventory_rows to CSV at a temp name next to ``path``, then rename.
+
+    Creates parent directories. With no series the file holds just the header. Memory is bounded
+    by ``chunk_rows`` rows whatever the number of series.
     """
     started = time.monotonic()
     path = Path(path)
-    rows = patients = studies = total_bytes = 0
-    by_status: dict[str, int] = dict.fromkeys(SERIES_STATUSES, 0)
-    last_patient: object = object()
-    last_study: object = object()
-    by_status_modality: dict[tuple[str, str], int] = {}
-    bytes_by_month: dict[str, int] = {}
+    columns = tuple(c.name for c in store.inventory_query().selected_columns)
+    if columns != INVENTORY_COLUMNS:
+        raise RuntimeError(f"inventory query returns columns {list(columns)}")
+    tally = _Tally()
     with layout.atomic_file(path, newline="", encoding="utf-8") as f:
-        f.write(",".join(INVENTORY_COLUMNS) + "\n")
-        for frame in store.iter_inventory(chunk_rows=chunk_rows):
-            if tuple(frame.columns) != INVENTORY_COLUMNS:
-                raise RuntimeError(f"inventory query returned columns {list(frame.columns)}")
-            frame.to_csv(f, header=False, index=False, lineterminator="\n")
-            rows += len(frame)
-            total_bytes += int(frame["downloaded_bytes"].sum())
-            for status, n in frame["download_status"].value_counts().items():
-                by_status[status] = by_status.get(status, 0) + int(n)
-            _add_summaries(frame, by_status_modality, bytes_by_month)
-            for patient_id, study_uid in zip(frame["patient_id"], frame["study_instance_uid"]):
-                if patient_id != last_patient:
-                    patients += 1
-                    last_patient = patient_id
-                if study_uid != last_study:
-                    studies += 1
-                    last_study = study_uid
-    return InventoryStats(
-        path=path,
-        rows=rows,
-        patients=patients,
-        studies=studies,
-        bytes=total_bytes,
-        seconds=time.monotonic() - started,
-        by_status=by_status,
-        by_status_modality=by_status_modality,
-        bytes_by_month=bytes_by_month,
-    )
-
-
-def _add_summaries(frame, by_status_modality: dict[tuple[str, str], int], bytes_by_month: dict[str, int]) -> None:  # type: ignore[no-untyped-def]
-    """Fold one chunk into the running summaries (a few dozen keys, whatever the row count)."""
-    modality = frame["modality"].fillna("?").astype(str)
-    for (status, mod), n in frame.groupby([frame["download_status"], modality]).size().items():
-        by_status_modality[(status, mod)] = by_status_modality.get((status, mod), 0) + int(n)
-    month = frame["study_date"].fillna("").astype(str).str.slice(0, 6).replace("", "unknown")
-    for key, size in frame["downloaded_bytes"].groupby(month).sum().items():
-        label = f"{key[:4]}-{key[4:]}" if key != "unknown" else key
-        bytes_by_month[label] = bytes_by_month.get(label, 0) + int(size)
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(INVENTORY_COLUMNS)
+        for rows in store.iter_inventory_rows(chunk_rows=chunk_rows):
+            tally.add(rows)
+            writer.writerows(_csv_rows(rows))
+    return tally.stats(path, time.monotonic() - started)
 
 
 def inventory_problems(store: StateStore, path: Path) -> tuple[int, list[str]]:
-    """Rows in the inventory CSV, and what breaks "every series in the state DB appears once"."""
+    """Rows in the inventory CSV, and what breaks "every series in the state DB appears once".
+
+    Holds the CSV's UIDs (one column) as a set and streams the state DB's UIDs against it in
+    chunks, crossing off each one found: what is left was listed but is not in the state DB.
+    """
     import pandas as pd
 
     if not Path(path).exists():
@@ -144,10 +196,20 @@ def inventory_problems(store: StateStore, path: Path) -> tuple[int, list[str]]:
     duplicated = uids[uids.duplicated()]
     if len(duplicated):
         problems.append(f"{len(duplicated)} series listed more than once (first: {duplicated.iloc[0]})")
-    in_db = set(store.all_series_uids())
+    rows = len(uids)
     listed = set(uids)
-    if missing := in_db - listed:
-        problems.append(f"{len(missing)} series of the state DB are not in the inventory (first: {min(missing)})")
-    if extra := listed - in_db:
-        problems.append(f"{len(extra)} series in the inventory are not in the state DB (first: {min(extra)})")
-    return len(uids), problems
+    del uids, duplicated
+    missing = 0
+    first_missing: str | None = None
+    for chunk in store.iter_series_uids():
+        found = listed.intersection(chunk)
+        if len(found) < len(chunk):
+            absent = min(set(chunk) - found)
+            missing += len(chunk) - len(found)
+            first_missing = absent if first_missing is None else min(first_missing, absent)
+        listed -= found
+    if missing:
+        problems.append(f"{missing} series of the state DB are not in the inventory (first: {first_missing})")
+    if listed:
+        problems.append(f"{len(listed)} series in the inventory are not in the state DB (first: {min(listed)})")
+    return rows, problems

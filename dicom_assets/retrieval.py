@@ -28,7 +28,6 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -48,7 +47,6 @@ from dicom_assets.pacs.client import (
 )
 from dicom_assets.pacs.receiver import DISK_ERRNOS, InFlightRetrieve, InstanceSink, StorageReceiver
 from dicom_assets.store import SeriesState, StateStore
-from dicom_assets.store.records import RETRIEVABLE
 
 log = logging.getLogger("dicom_assets.retrieval")
 
@@ -282,17 +280,41 @@ def _on_disk(directory: Path) -> dict[str, int]:
         return {}
 
 
-def _has_work(store: StateStore, patient_ids: Sequence[str], max_attempts: int) -> bool:
-    """Whether claim_next_series could return anything (so an idle run sends no request)."""
-    now = datetime.now(timezone.utc)
-    for pid in dict.fromkeys(patient_ids):
-        for s in store.series_of(pid):
-            if s.download_status in RETRIEVABLE and (s.download_status == "pending" or s.attempts < max_attempts):
-                return True
-            if s.download_status == "in_progress" and (s.claim_expires_at is None or s.claim_expires_at < now):
-                if s.attempts < max_attempts:
-                    return True
-    return False
+class RunClaims:
+    """The claims of one retrieval run, shared by its workers (thread-safe).
+
+    A run claims each series at most once (a retry after a transient failure happens inside
+    that claim's backoff loop), so a series that ended failed/incomplete is not retried in a loop:
+    the state DB records the run in the claimed row (``series.claimed_in_run``) and the claim
+    skips rows of this run, one indexed comparison however many series the run has tried.
+    Claims go in patient order and resume at the patient of the previous claim, so a claim does
+    not re-read the run's earlier failures; only when nothing is left from there on does it look
+    again from the first patient (a series behind may have become claimable: an expired claim).
+    """
+
+    def __init__(self, store: StateStore, patient_ids: Sequence[str], max_attempts: int) -> None:
+        self.store = store
+        self.patient_ids = list(dict.fromkeys(patient_ids))
+        self.max_attempts = max_attempts
+        self.run_id = uuid.uuid4().hex
+        self._resume_at: str | None = None
+        self._lock = threading.Lock()
+
+    def next(self, worker: str) -> SeriesState | None:
+        """Claim the next series for ``worker``, or None when the run has nothing left."""
+        with self._lock:
+            series = self._claim(worker, self._resume_at)
+            if series is None and self._resume_at is not None:
+                series = self._claim(worker, None)
+            if series is not None:
+                self._resume_at = series.patient_id
+            return series
+
+    def _claim(self, worker: str, from_patient: str | None) -> SeriesState | None:
+        return self.store.claim_next_series(
+            self.patient_ids, worker, CLAIM_LEASE_S, run_id=self.run_id, max_attempts=self.max_attempts,
+            from_patient=from_patient,
+        )  # fmt: skip
 
 
 def check_download_dir(download_dir: Path) -> None:
@@ -325,12 +347,12 @@ def retrieve_patients(
     started = time.monotonic()
     stats = RetrievalStats()
     max_attempts = settings.pacs.max_attempts
-    if not _has_work(store, patient_ids, max_attempts):
+    if not store.has_claimable_series(patient_ids, max_attempts):  # an idle run sends no request
         return stats
     check_download_dir(settings.paths.download_dir)
     lock = threading.Lock()
     stop = threading.Event()  # one worker hit a fatal error: the others claim nothing more
-    attempted: set[str] = set()  # one series per run is retried only within its own backoff loop
+    claims = RunClaims(store, patient_ids, max_attempts)
     receiver: StorageReceiver | None = None
     if settings.pacs.retrieve_method == "c-move":
         receiver = StorageReceiver.from_settings(settings).start()
@@ -339,19 +361,14 @@ def retrieve_patients(
         def work() -> None:
             me = worker_name()
             sink = receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
-            on_store = None if receiver else sink.handle_store
+            get_sink = None if receiver else sink
             try:
-                with client.session(on_store=on_store) as session:
+                with client.session(sink=get_sink) as session:
                     retriever = SeriesRetriever(settings, client, sink, session)
                     while not stop.is_set():
                         if not session.connected:
                             session.wait_until_reachable()  # an outage burns no attempts
-                        with lock:  # claim and note it at once, so no worker claims it again this run
-                            series = store.claim_next_series(
-                                patient_ids, me, CLAIM_LEASE_S, exclude=frozenset(attempted), max_attempts=max_attempts
-                            )
-                            if series is not None:
-                                attempted.add(series.series_instance_uid)
+                        series = claims.next(me)
                         if series is None:
                             break
                         outcome = _retrieve_with_retries(settings, client, store, session, retriever, series, me)

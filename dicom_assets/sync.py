@@ -125,8 +125,13 @@ def run_sync(
     config_file: str | os.PathLike[str] | None = None,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     progress: bool = True,
+    full_discovery: bool = False,
 ) -> SyncReport:
-    """Run discovery, then the per-patient pipeline in chunks of patients, then the inventory."""
+    """Run discovery, then the per-patient pipeline in chunks of patients, then the inventory.
+
+    ``full_discovery`` makes the discovery pass ask for every StudyDate (see dicom_assets.discovery).
+    """
+    from dicom_assets.defs.discovery.assets import FULL_DISCOVERY_TAG
     from dicom_assets.definitions import defs  # imported late: loading the code location is slow
 
     started = time.monotonic()
@@ -138,7 +143,7 @@ def run_sync(
     report = SyncReport()
 
     log("discovering patients ...")
-    _run(defs.resolve_job_def("discover_patients"), instance, report)
+    _run(defs.resolve_job_def("discover_patients"), instance, report, {FULL_DISCOVERY_TAG: "true"} if full_discovery else None)
     keys = instance.get_dynamic_partitions(PATIENTS_PARTITION_SET)
     log(f"{len(keys)} patient partition(s); running the per-patient pipeline")
     printer = ProgressPrinter(store) if progress else None

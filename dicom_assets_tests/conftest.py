@@ -113,3 +113,20 @@ def pg_store(pg_url: str):
     state.create_schema()
     yield state
     state.dispose()
+
+
+@pytest.fixture
+def production_dagster_home(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``$DAGSTER_HOME`` holding the repository's production dagster.yaml, its PostgreSQL storage
+    pointed (through the DAGSTER_PG_* variables it reads) at this test's own database."""
+    import shutil
+
+    url = sa.engine.make_url(pg_url)
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", home / "dagster.yaml")
+    for key, value in {"HOST": url.host, "PORT": str(url.port or 5432), "USER": url.username,
+                       "PASSWORD": url.password or "", "DB": url.database}.items():
+        monkeypatch.setenv(f"DAGSTER_PG_{key}", value)
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    return home

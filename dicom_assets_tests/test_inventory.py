@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +15,10 @@ from dicom_assets.store import ArchiveRecord, PatientRecord, SeriesRecord, State
 
 @pytest.fixture
 def seeded(store: StateStore) -> StateStore:
+    return _seed(store)
+
+
+def _seed(store: StateStore) -> StateStore:
     store.upsert_patients(
         [PatientRecord("B", "Doe^Bea", "F", "19800101"), PatientRecord("A", "Roe^Al", "M"), PatientRecord("a/b"),
          PatientRecord("no-series")]
@@ -95,14 +100,14 @@ def test_write_inventory_empty(store: StateStore, tmp_path: Path) -> None:
 def test_write_inventory_is_atomic(seeded: StateStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "inventory.csv"
     out.write_text("previous inventory\n")
-    real_iter = seeded.iter_inventory
+    real_iter = seeded.iter_inventory_rows
 
-    def failing_iter(chunk_rows: int = 50_000):
+    def failing_iter(chunk_rows: int = 10_000):
         chunks = real_iter(chunk_rows)
         yield next(chunks)
         raise RuntimeError("database went away")
 
-    monkeypatch.setattr(seeded, "iter_inventory", failing_iter)
+    monkeypatch.setattr(seeded, "iter_inventory_rows", failing_iter)
     with pytest.raises(RuntimeError, match="went away"):
         write_inventory(seeded, out, chunk_rows=2)
     assert out.read_text() == "previous inventory\n"
@@ -129,3 +134,46 @@ def test_inventory_problems_and_summary(seeded: StateStore, tmp_path: Path) -> N
     assert rows == 5
     assert any("more than once" in p for p in problems) and any("not in the inventory" in p for p in problems)
     assert inventory_problems(seeded, tmp_path / "nope.csv")[1] == [f"{tmp_path / 'nope.csv'} does not exist: materialize inventory"]
+
+
+def test_iter_inventory_rows_streams_tuples_in_chunks(seeded: StateStore) -> None:
+    chunks = list(seeded.iter_inventory_rows(chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 2, 1]
+    rows = [row for chunk in chunks for row in chunk]
+    assert all(isinstance(row, tuple) and len(row) == len(INVENTORY_COLUMNS) for row in rows)
+    at = INVENTORY_COLUMNS.index("downloaded_at")
+    assert [r[at] is not None for r in rows] == [False, False, False, True, False]
+    assert rows[3][at].utcoffset().total_seconds() == 0  # aware UTC on both backends
+    with pytest.raises(ValueError):
+        list(seeded.iter_inventory_rows(chunk_rows=0))
+
+
+def test_postgresql_and_sqlite_write_the_same_csv(pg_url: str, sqlite_url: str, tmp_path: Path) -> None:
+    """One writer for both backends: same bytes but for the download time, which is ISO 8601 UTC."""
+    texts = []
+    for name, url in (("pg", pg_url), ("sqlite", sqlite_url)):
+        store = StateStore(url)
+        store.create_schema()
+        stats = write_inventory(_seed(store), tmp_path / f"{name}.csv", chunk_rows=3)
+        store.dispose()
+        assert (stats.rows, stats.patients, stats.studies, stats.bytes) == (5, 3, 4, 3500)
+        assert stats.by_status_modality == {("pending", "CT"): 2, ("pending", "SR"): 1, ("complete", "MR"): 1,
+                                            ("failed", "US"): 1}
+        assert stats.bytes_by_month == {"2022-01": 500, "unknown": 3000, "2020-01": 0, "2021-01": 0}
+        frame = pd.read_csv(tmp_path / f"{name}.csv", dtype=str, keep_default_na=False)
+        downloaded_at = frame.pop("downloaded_at")
+        assert re.fullmatch(r"20\d\d-\d\d-\d\d \d\d:\d\d:\d\d(\.\d{6})?\+00:00", downloaded_at[3])
+        assert set(downloaded_at.drop(3)) == {""}
+        texts.append(frame.to_csv(index=False))
+    assert texts[0] == texts[1]
+
+
+def test_inventory_problems_finds_series_listed_but_not_in_the_state_db(seeded: StateStore, tmp_path: Path) -> None:
+    from dicom_assets.inventory import inventory_problems
+
+    out = tmp_path / "inventory.csv"
+    write_inventory(seeded, out)
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines) + lines[1].replace("1.2.1", "9.9.9"))
+    assert inventory_problems(seeded, out) == (
+        6, ["1 series in the inventory are not in the state DB (first: 9.9.9)"])

@@ -306,3 +306,59 @@ def assert_fully_synced_except_attempts(site: Site, report: Any) -> None:
     archives = sorted(p.name for p in (site.root / "archives").glob("*.zip"))
     assert archives == sorted(archive_name(pid, DELIMITER, SERIES_PER_PATIENT) for pid in site.cohort.patients)
     assert report.check_failures == 0 and _nonzero(report.status_counts) == {"complete": len(site.cohort.series)}
+
+
+def test_orthanc_answers_date_window_study_queries_with_related_counts(tmp_path: Path, pg_url: str) -> None:
+    """Incremental discovery rests on Orthanc answering a Study Root STUDY-level C-FIND by
+    StudyDate range with NumberOfStudyRelated*, and the patient query with NumberOfPatientRelated*."""
+    from datetime import date
+
+    from dicom_assets.config import DiscoverySettings
+    from dicom_assets.devpacs import CohortSpec, generate_cohort
+    from dicom_assets.discovery import discover_pass
+    from dicom_assets.pacs.client import PacsClient
+    from dicom_assets_tests.pacs_fixtures import make_settings
+
+    spec = CohortSpec(patients=3, studies_per_patient=2, series_per_study=2, slices_per_series=2, rows=16, columns=16,
+                      patient_ids=HOSTILE_PATIENT_IDS, seed=7)  # fmt: skip
+    cohort = generate_cohort(tmp_path / "cohort", spec)
+    dates = {
+        s.study_instance_uid: _study_date(tmp_path / "cohort" / s.study_instance_uid / s.series_instance_uid / f"{s.sop_instance_uids[0]}.dcm")
+        for s in cohort.series
+    }
+    with running_orthanc(tmp_path, free_port()) as orthanc:
+        assert orthanc.load(tmp_path / "cohort") == cohort.instances
+        settings = make_settings(tmp_path, orthanc.dicom_port, free_port(), pg_url, called_ae_title=ORTHANC_AET,
+                                 calling_ae_title=RECEIVER_AET)  # fmt: skip
+        client = PacsClient(settings.pacs)
+        since = sorted(dates.values())[3]  # the 4th of the 6 StudyDates (DA text sorts by date)
+        with client.session() as session:
+            every = session.find_studies_by_date(None)
+            recent = session.find_studies_by_date(date(int(since[:4]), int(since[4:6]), int(since[6:])))
+            patients = session.find_patients()
+            assert session.finds == 3  # one C-FIND each: no split, no per-patient query
+        assert {str(ds.StudyInstanceUID) for ds in every} == set(dates)
+        assert {str(ds.StudyInstanceUID) for ds in recent} == {uid for uid, d in dates.items() if d >= since}
+        for ds in every:
+            assert (int(ds.NumberOfStudyRelatedSeries), int(ds.NumberOfStudyRelatedInstances)) == (2, 4)
+            assert str(ds.PatientID) in HOSTILE_PATIENT_IDS
+        assert {(str(p.PatientID), int(p.NumberOfPatientRelatedStudies), int(p.NumberOfPatientRelatedSeries),
+                 int(p.NumberOfPatientRelatedInstances)) for p in patients} == {(pid, 2, 4, 8) for pid in HOSTILE_PATIENT_IDS}  # fmt: skip
+
+        store = StateStore(pg_url)
+        store.create_schema()
+        try:
+            _, full = discover_pass(client, store, lambda ds: True, DiscoverySettings())
+            _, incremental = discover_pass(client, store, lambda ds: True, DiscoverySettings())
+        finally:
+            store.dispose()
+    # Orthanc's patient-level counts equal the sums of its study-level ones: no patient left to ask about.
+    assert full.full_pass and full.studies_found == 6 and full.patients_to_check == 0 and full.series_to_check == 6
+    assert not incremental.full_pass and incremental.windows == 1 and incremental.requests == 3  # association, patients, window
+
+
+def _study_date(path: Path) -> str:
+    """The StudyDate (DA) of a DICOM file."""
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["StudyDate"]).StudyDate)

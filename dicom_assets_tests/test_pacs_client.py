@@ -105,7 +105,7 @@ def test_c_get_series_and_image_level_subset(served) -> None:
     sink = InstanceSink(settings.paths.download_dir)
     flight = sink.expect(target.patient_id, target.study_instance_uid, target.series_instance_uid)
     wanted = list(target.sop_instance_uids[:2])
-    with PacsClient(settings.pacs).session(on_store=sink.handle_store) as session:
+    with PacsClient(settings.pacs).session(sink=sink) as session:
         final = session.get(target.study_instance_uid, target.series_instance_uid, wanted)
     assert final.succeeded
     assert sorted(instances_on_disk(flight.directory)) == sorted(wanted)

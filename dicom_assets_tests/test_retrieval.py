@@ -104,6 +104,10 @@ def test_more_expected_than_the_pacs_has_is_incomplete_not_complete(world) -> No
     assert outcome.status == "incomplete"
     state = store.get_series(target.series_instance_uid)
     assert state.download_status == "incomplete" and "of 99" in (state.last_error or "")
+    assert state.attempts == 1  # still retrievable, but this run does not claim it again
+    again = retrieve_patients(settings, client, store, [target.patient_id])
+    assert [o.series_instance_uid for o in again.outcomes] == [target.series_instance_uid]  # the next run does
+    assert store.get_series(target.series_instance_uid).attempts == 2
 
 
 def test_pacs_down_waits_then_stops_without_burning_attempts(world, tmp_path: Path) -> None:

@@ -267,13 +267,54 @@ def test_claim_only_given_patients_and_retrievable_statuses(store: StateStore) -
     assert c.series_instance_uid == "1.1.2" and c.attempts == 2  # failed is retrievable
     assert store.finish_series("1.1.2", "w", "incomplete", 0, 0, error="short")
     assert store.get_series("1.1.2").last_error == "short"
-    assert store.claim_next_series(["A"], "w", 30, exclude={"1.1.2"}).series_instance_uid == "1.1.3"
-    assert store.claim_next_series(["A"], "w", 30, exclude={"1.1.2"}) is None
+    assert store.claim_next_series(["A"], "w", 30, only={"1.1.1", "1.1.3"}).series_instance_uid == "1.1.3"
+    assert store.claim_next_series(["A"], "w", 30, only={"1.1.1", "1.1.3"}) is None  # complete / in progress
     assert store.claim_next_series(["A"], "w", 30).series_instance_uid == "1.1.2"  # incomplete too
     assert store.finish_series("1.1.3", "w", "incomplete", 0, 0)
     assert store.claim_next_series(["A"], "w", 30).series_instance_uid == "1.1.3"
     assert store.claim_next_series(["A"], "w", 30) is None
     assert store.get_series("2.1.1").download_status == "pending"
+
+
+def test_a_run_claims_a_series_once_another_run_claims_it_again(store: StateStore) -> None:
+    _seed(store, "A", [("1.1", "1.1.1", 1, 1), ("1.1", "1.1.2", 2, 1)])
+    _seed(store, "B", [("2.1", "2.1.1", 1, 1)])
+    assert store.has_claimable_series(["A", "B"]) and not store.has_claimable_series(["nobody"])
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "1.1.1"
+    assert store.finish_series("1.1.1", "w", "failed", 0, 0, error="boom")
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "1.1.2"  # not 1.1.1 again
+    assert store.finish_series("1.1.2", "w", "incomplete", 0, 0)
+    # A retry of one series within the run (after a transient failure) names it and passes no run.
+    retry = store.claim_next_series(["A"], "w", 30, only=["1.1.2"])
+    assert retry.series_instance_uid == "1.1.2" and retry.attempts == 2
+    assert store.finish_series("1.1.2", "w", "failed", 0, 0)
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "2.1.1"
+    assert store.finish_series("2.1.1", "w", "failed", 0, 0)
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1") is None  # r1 tried all three
+    assert store.has_claimable_series(["A", "B"])  # ... but they are claimable for any other run
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2", from_patient="B").series_instance_uid == "2.1.1"
+    second = store.claim_next_series(["A", "B"], "w", 30, run_id="r2")
+    assert (second.series_instance_uid, second.attempts) == ("1.1.1", 2)
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2").series_instance_uid == "1.1.2"
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2") is None  # all in progress now
+    for uid in ("1.1.1", "1.1.2", "2.1.1"):
+        assert store.finish_series(uid, "w", "failed", 0, 0)
+    assert store.has_claimable_series(["A", "B"], max_attempts=4)
+    assert not store.has_claimable_series(["A", "B"], max_attempts=2)  # every one had 2 or 3 attempts
+    assert store.claim_next_series(["A", "B"], "w", 30, run_id="r3", max_attempts=2) is None
+
+
+def test_claims_scale_to_many_patients_in_one_call(store: StateStore) -> None:
+    """20,000 PatientIDs in one claim (on PostgreSQL one parameter split on the server), IDs
+    with the separator character (a plain IN list instead), and the claim index in the schema."""
+    many = [f"P{i:05d}" for i in range(20_000)]
+    _seed(store, "P19999", [("9.1", "9.1.1", 1, 1)])
+    _seed(store, "odd\x1fid", [("8.1", "8.1.1", 1, 1)])
+    assert store.has_claimable_series(many)
+    assert store.claim_next_series(many, "w", 30, run_id="r").series_instance_uid == "9.1.1"
+    assert store.claim_next_series(many, "w", 30, run_id="r") is None
+    assert store.claim_next_series(["odd\x1fid", *many], "w", 30, run_id="r").series_instance_uid == "8.1.1"
+    assert "series_claim_idx" in {i["name"] for i in sa.inspect(store.engine).get_indexes("series")}
 
 
 def test_finish_series_fields(store: StateStore) -> None:

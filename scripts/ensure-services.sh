@@ -6,6 +6,9 @@
 # * Orthanc (/usr/sbin/Orthanc) and DCMTK, installed from Debian's packages when missing. The
 #   tests start their own throwaway Orthanc on free loopback ports; the Debian *service* (port
 #   4242/8042, config /etc/orthanc) is stopped and its autostart disabled so it cannot interfere.
+# * OpenSSH (sshd, ssh, ssh-keygen) and rsync for the publish-over-SSH tests, which start their
+#   own sshd on a free loopback port. When this script installs openssh-server, the system ssh
+#   service it brings (port 22 on every interface) is stopped and not started at boot.
 # Without root (or sudo) nothing is installed; the script says what to run. Under CI=true a
 # missing Orthanc is an error (the Orthanc tests would fail), elsewhere a warning (they skip).
 set -euo pipefail
@@ -40,12 +43,17 @@ else
   say "PostgreSQL started"
 fi
 
-# --- Orthanc, DCMTK, and Chromium for the UI test -------------------------------------------------
+# --- Orthanc, DCMTK, Chromium for the UI test, OpenSSH and rsync for publishing ---------------------
 missing=()
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
 command -v storescu >/dev/null || missing+=(dcmtk)
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
+installing_sshd=false
+[ -x /usr/sbin/sshd ] || { missing+=(openssh-server); installing_sshd=true; }
+{ command -v ssh >/dev/null && command -v ssh-keygen >/dev/null; } || missing+=(openssh-client)
+command -v rsync >/dev/null || missing+=(rsync)
+{ command -v zip >/dev/null && command -v unzip >/dev/null; } || missing+=(zip unzip)  # make bench: zip -r -6 vs ours
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing ${missing[*]} from Debian's packages"
   as_root apt-get update -qq || true
@@ -53,6 +61,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     say "cannot install ${missing[*]}: run 'sudo apt-get install -y ${missing[*]}' (the tests that need them skip without them)"
     [ "${CI:-}" = "true" ] && exit 1
   fi
+fi
+if $installing_sshd && [ -x /usr/sbin/sshd ]; then
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl disable --now ssh >/dev/null 2>&1 || true
+  else
+    as_root service ssh stop >/dev/null 2>&1 || true
+    as_root update-rc.d ssh disable >/dev/null 2>&1 || true
+  fi
+  say "installed openssh-server for the tests; its system service is stopped and disabled"
 fi
 
 # Orthanc processes running Debian's configuration (/etc/orthanc), i.e. the system service; the

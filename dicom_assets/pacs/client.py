@@ -1,4 +1,4 @@
-"""The PACS client: C-ECHO, C-FIND, C-MOVE and C-GET over pynetdicom, within the request budget.
+"""The PACS client: C-ECHO, C-FIND, C-MOVE and C-GET (our own requestor, see `requestor`), within the request budget.
 
 A :class:`PacsSession` keeps one association open for many requests (an association costs a
 request of the budget too) and reopens it when the PACS dropped it. Every request it sends first
@@ -25,8 +25,6 @@ from datetime import time as dtime
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
-from pynetdicom.association import Association
 from tenacity import (
     RetryCallState,
     Retrying,
@@ -39,7 +37,7 @@ from tenacity import (
 from dicom_assets.config import PacsSettings
 from dicom_assets.pacs.budget import RequestBudget, UnlimitedBudget
 from dicom_assets.pacs.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, get_contexts, query_contexts
-from dicom_assets.pacs.sockets import enable_tcp_nodelay
+from dicom_assets.pacs.requestor import RequestorAssociation
 
 log = logging.getLogger("dicom_assets.pacs")
 
@@ -190,6 +188,10 @@ STUDY_KEYS = (
     "ModalitiesInStudy",
     "PatientID",
 )
+#: Computed counts asked for with patients and studies: how incremental discovery notices that
+#: something changed below a patient or a study without asking about each one.
+PATIENT_COUNT_KEYS = ("NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances")
+STUDY_COUNT_KEYS = ("NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances")
 SERIES_KEYS = (
     "SeriesNumber",
     "Modality",
@@ -214,7 +216,7 @@ def _identifier(level: str, **values: Any) -> Dataset:
 def _blank(ds: Dataset, keywords: Sequence[str]) -> Dataset:
     for keyword in keywords:
         if keyword not in ds:
-            setattr(ds, keyword, "" if keyword != "NumberOfSeriesRelatedInstances" else None)
+            setattr(ds, keyword, None if keyword.startswith("NumberOf") else "")  # IS counts: empty
     return ds
 
 
@@ -228,7 +230,6 @@ class PacsClient:
         gate: RequestGate | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        enable_tcp_nodelay()
         self.settings = settings
         self.budget: RequestBudget = budget or UnlimitedBudget()
         self.sleep = sleep
@@ -239,12 +240,13 @@ class PacsClient:
     def backoff(self) -> wait_exponential_jitter:
         """Exponential backoff with jitter: initial * 2^n + U(0, initial), at most retry_max_s."""
         s = self.settings
-        return wait_exponential_jitter(initial=s.retry_initial_s, max=s.retry_max_s, jitter=s.retry_initial_s)
+        return wait_exponential_jitter(multiplier=s.retry_initial_s, max=s.retry_max_s, jitter=s.retry_initial_s)
 
     @contextmanager
-    def session(self, on_store: Callable[[Any], int] | None = None) -> Iterator["PacsSession"]:
-        """A session for queries and C-MOVE, or for C-GET when ``on_store`` handles the C-STOREs."""
-        session = PacsSession(self, on_store)
+    def session(self, sink: Any = None) -> Iterator["PacsSession"]:
+        """A session for queries and C-MOVE, or for C-GET when ``sink`` (an
+        :class:`~dicom_assets.pacs.receiver.InstanceSink`) takes the C-STOREs."""
+        session = PacsSession(self, sink)
         try:
             yield session
         finally:
@@ -273,42 +275,35 @@ class PacsClient:
 class PacsSession:
     """One association (opened lazily, reopened when dropped) and the requests sent over it."""
 
-    def __init__(self, client: PacsClient, on_store: Callable[[Any], int] | None) -> None:
+    def __init__(self, client: PacsClient, sink: Any) -> None:
         self.client = client
         self.settings = client.settings
-        self.on_store = on_store
-        self._assoc: Association | None = None
+        self.sink = sink
+        self._assoc: RequestorAssociation | None = None
         self.requests = 0
+        self.finds = 0  # C-FINDs sent (also counted in requests)
 
     @property
     def connected(self) -> bool:
         return self._assoc is not None and self._assoc.is_established
 
     # -- association ---------------------------------------------------------------------------
-    def _association(self) -> Association:
+    def _association(self) -> RequestorAssociation:
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
         self._assoc = None
         s = self.settings
-        ae = AE(ae_title=s.calling_ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = s.timeout_s
-        ae.connection_timeout = s.timeout_s
-        ae.maximum_pdu_size = 0
-        kwargs: dict[str, Any] = {}
-        if self.on_store is None:
-            ae.requested_contexts = query_contexts()
+        if self.sink is None:
+            contexts, roles = query_contexts(), []
         else:
             contexts, roles = get_contexts()
-            ae.requested_contexts = contexts
-            kwargs = {"ext_neg": roles, "evt_handlers": [(evt.EVT_C_STORE, self.on_store)]}
         self._take_token("associate")
         try:
-            assoc = ae.associate(s.host, s.port, ae_title=s.called_ae_title, **kwargs)
-        except (OSError, RuntimeError) as exc:
+            assoc = RequestorAssociation.open(
+                (s.host, s.port), s.calling_ae_title, s.called_ae_title, contexts, roles, timeout_s=s.timeout_s
+            )
+        except (OSError, RuntimeError, ValueError) as exc:
             raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {exc}") from exc
-        if not assoc.is_established:
-            reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no answer"
-            raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {reason}")
         self._assoc = assoc
         return assoc
 
@@ -327,7 +322,7 @@ class PacsSession:
         self._assoc = None
         return PacsUnavailable(f"{what}: {self.client.describe()} dropped the association or timed out")
 
-    def _ready(self) -> Association:
+    def _ready(self) -> RequestorAssociation:
         """Pass the gate (blackout, backoff hold), then the (re)opened association."""
         if self.client.gate.wait() > 1.0 and self.connected:
             self.close()  # idle for long: the PACS may have dropped it; start afresh
@@ -336,7 +331,7 @@ class PacsSession:
     # -- fault handling ------------------------------------------------------------------------
     def probe(self) -> None:
         """Prove the PACS answers: associate, and C-ECHO when the association offers it."""
-        if self.on_store is None:
+        if self.sink is None:
             self.echo()
         else:
             self._ready()  # a C-GET association has no room for Verification: associating is proof
@@ -421,6 +416,7 @@ class PacsSession:
         """Send one C-FIND and collect every pending identifier; raise unless the final is success."""
         assoc = self._ready()
         self._take_token("C-FIND")
+        self.finds += 1
         results: list[Dataset] = []
         for status, found in self._responses(lambda: assoc.send_c_find(identifier, FIND_MODELS[model]), "C-FIND"):
             if "Status" not in status:
@@ -453,7 +449,7 @@ class PacsSession:
         patients are derived from STUDY-level queries split by StudyDate until none is capped
         (a patient without any study has nothing to retrieve anyway)."""
         found = self.retrying(
-            lambda: self.find(_blank(_identifier("PATIENT", PatientID=""), PATIENT_KEYS), model="patient"),
+            lambda: self.find(_blank(_identifier("PATIENT", PatientID=""), (*PATIENT_KEYS, *PATIENT_COUNT_KEYS)), model="patient"),
             "C-FIND of patients",
         )
         if not self._capped(found):
@@ -475,23 +471,43 @@ class PacsSession:
 
     def find_studies(self, patient_id: str) -> list[Dataset]:
         """Studies of exactly this patient (a PatientID with ``*``/``?`` would also match others)."""
-        ident = _blank(_identifier("STUDY", PatientID=patient_id, StudyInstanceUID=""), STUDY_KEYS)
+        ident = _blank(_identifier("STUDY", PatientID=patient_id, StudyInstanceUID=""), (*STUDY_KEYS, *STUDY_COUNT_KEYS))
         found = self.retrying(lambda: self.find(ident), f"C-FIND of the studies of {patient_id!r}")
         if self._capped(found):
             log.warning("patient %r: %d studies = pacs.max_find_results; splitting by StudyDate", patient_id, len(found))
             found = self.find_split(ident)
         return [ds for ds in found if str(ds.get("PatientID", "")) == patient_id]
 
-    def find_split(self, base: Dataset) -> list[Dataset]:
-        """A STUDY-level C-FIND split by StudyDate (then StudyTime) ranges until every part
-        returns fewer than ``pacs.max_find_results``; deduplicated by StudyInstanceUID.
+    def find_studies_by_date(self, since: date | None) -> list[Dataset]:
+        """Every study (of every patient) with a StudyDate from ``since`` on, open-ended; every
+        study at all when ``since`` is None. Study Root, one C-FIND, with the related counts.
 
-        Studies without a StudyDate match no range, so a split query cannot find them (logged).
+        An answer that hits ``pacs.max_find_results`` is split by StudyDate (then StudyTime).
+        Studies without a StudyDate are only in the answer to the unsplit ``since=None`` query.
+        """
+        span = "" if since is None else _date_range(since, date.max)
+        ident = _blank(
+            _identifier("STUDY", PatientID="", StudyInstanceUID="", StudyDate=span),
+            (*STUDY_KEYS, *STUDY_COUNT_KEYS),
+        )
+        found = self.retrying(lambda: self.find(ident), f"C-FIND of the studies dated {span or 'any day'}")
+        if not self._capped(found):
+            return found
+        log.warning("the studies dated %s: %d = pacs.max_find_results; splitting by StudyDate", span or "any day", len(found))
+        return self.find_split(ident, since)
+
+    def find_split(self, base: Dataset, since: date | None = None) -> list[Dataset]:
+        """A STUDY-level C-FIND split by StudyDate (then StudyTime) ranges until every part
+        returns fewer than ``pacs.max_find_results``; deduplicated by StudyInstanceUID. Only
+        dates from ``since`` on when given.
+
+        Studies without a StudyDate match no range, so a split query cannot find them.
         """
         out: dict[str, Dataset] = {}
         first, last = date(1900, 1, 1), date.today() + timedelta(days=366)
         for lo, hi in ((date.min, first - timedelta(days=1)), (first, last), (last + timedelta(days=1), date.max)):
-            self._split_dates(base, lo, hi, out)
+            if since is None or hi >= since:
+                self._split_dates(base, lo if since is None else max(lo, since), hi, out)
         return list(out.values())
 
     def _find_part(self, base: Dataset, **keys: str) -> list[Dataset]:
@@ -563,13 +579,13 @@ class PacsSession:
         return final
 
     def get(self, study_uid: str, series_uid: str, sop_uids: Sequence[str] | None = None) -> RetrieveStatus:
-        """C-GET a series (or some of its instances); the session's ``on_store`` receives them."""
-        if self.on_store is None:
-            raise PacsError("C-GET needs a session opened with an on_store handler")
+        """C-GET a series (or some of its instances); the session's ``sink`` receives them."""
+        if self.sink is None:
+            raise PacsError("C-GET needs a session opened with a sink for the instances")
         assoc = self._ready()
         self._take_token("C-GET")
         ident = self._retrieve_identifier(study_uid, series_uid, sop_uids)
-        return self._final_status(self._responses(lambda: assoc.send_c_get(ident, GET_MODELS["study"]), "C-GET"), "C-GET")
+        return self._final_status(self._responses(lambda: assoc.send_c_get(ident, GET_MODELS["study"], self.sink), "C-GET"), "C-GET")
 
     def _final_status(self, responses: Any, what: str) -> RetrieveStatus:
         """The final response; Pending ones (with or without counts) only show progress."""

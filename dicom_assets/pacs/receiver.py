@@ -11,6 +11,11 @@ must be a valid UID (digits and dots, at most 64) equal to the C-STORE request's
 is refused (0xC002) and never written. The storage SCP accepts associations only from the
 allowed calling AE titles and, when set, the allowed host addresses; others are rejected and
 logged.
+
+The storage SCP (:class:`StorageReceiver`) streams: each instance is routed from the first
+bytes of its dataset (:mod:`dicom_assets.pacs.routing`) and then written to its temp file
+fragment by fragment as the PDUs arrive (:mod:`dicom_assets.pacs.upper_layer`), so memory does
+not grow with instance or series size and no byte is copied on its way to the file.
 """
 
 from __future__ import annotations
@@ -19,18 +24,20 @@ import errno
 import ipaddress
 import logging
 import os
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt, transport
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
 
 from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name, temp_token
+from dicom_assets.pacs import upper_layer as ul
 from dicom_assets.pacs.contexts import receiver_contexts
-from dicom_assets.pacs.sockets import enable_tcp_nodelay
+from dicom_assets.pacs.routing import MalformedDataset, routing_uids
 
 log = logging.getLogger("dicom_assets.receiver")
 
@@ -38,6 +45,12 @@ STATUS_SUCCESS = 0x0000
 STATUS_OUT_OF_RESOURCES = 0xA700  # disk full / permission denied: the PACS may retry later
 STATUS_NOT_EXPECTED = 0xC001  # nobody asked for this instance: refused, never written
 STATUS_CANNOT_UNDERSTAND = 0xC002  # dataset unreadable or its UIDs are unusable
+
+C_STORE_RQ, C_STORE_RSP, C_ECHO_RQ, C_ECHO_RSP = 0x0001, 0x8001, 0x0030, 0x8030
+#: Bytes of a dataset held in memory at most while looking for its routing UIDs.
+ROUTING_HEAD_LIMIT = 64 << 20
+#: A storage association idle this long (seconds) is closed.
+NETWORK_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -66,6 +79,11 @@ class InFlightRetrieve:
                 self.bytes += size
             self.last_arrival = time.monotonic()
             self._cond.notify_all()
+
+    def note_write_error(self, path: Path, exc: OSError) -> None:
+        self.last_error = f"cannot write {path}: {exc.strerror or exc}"
+        self.last_errno = exc.errno
+        log.error(self.last_error)
 
     def wait_for_stragglers(self, done: "callable[[], bool]", idle_s: float) -> None:  # type: ignore[valid-type]
         """Wait until ``done()`` or until nothing has arrived for ``idle_s`` seconds.
@@ -103,24 +121,39 @@ class InstanceSink:
             if self._in_flight.get(flight.series_uid) is flight:
                 del self._in_flight[flight.series_uid]
 
-    def handle_store(self, event: Any) -> int:
-        """EVT_C_STORE handler: returns the DIMSE status."""
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+    def route(self, sop_uid: str, uids: Mapping[str, str], who: str) -> InFlightRetrieve | int:
+        """The retrieve in flight an instance belongs to, or the status refusing it."""
         try:
-            header = _routing_header(event)
-            series_uid = str(header.get("SeriesInstanceUID", ""))
-            study_uid = str(header.get("StudyInstanceUID", ""))
             check_uid(sop_uid, "SOPInstanceUID")
-            if str(header.get("SOPInstanceUID", sop_uid)) != sop_uid:
+            if uids.get("SOPInstanceUID", sop_uid) != sop_uid:
                 raise UnsafeNameError("SOPInstanceUID in the dataset differs from the C-STORE request")
-        except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, never written
-            self._refuse(event, f"unreadable instance {sop_uid!r}: {exc}")
+        except UnsafeNameError as exc:
+            self.refuse(who, f"unreadable instance {sop_uid!r}: {exc}")
             return STATUS_CANNOT_UNDERSTAND
+        series_uid, study_uid = uids.get("SeriesInstanceUID", ""), uids.get("StudyInstanceUID", "")
         with self._lock:
             flight = self._in_flight.get(series_uid)
         if flight is None or flight.study_uid != study_uid:
-            self._refuse(event, f"instance {sop_uid} of series {series_uid!r} was not requested")
+            self.refuse(who, f"instance {sop_uid} of series {series_uid!r} was not requested")
             return STATUS_NOT_EXPECTED
+        return flight
+
+    def open_instance(self, sop_class_uid: str, sop_uid: str, transfer_syntax: str, who: str) -> "IncomingInstance":
+        """A C-STORE whose dataset is about to stream in (the storage SCP's path)."""
+        return IncomingInstance(self, sop_class_uid, sop_uid, transfer_syntax, who)
+
+    def handle_store(self, event: Any) -> int:
+        """EVT_C_STORE handler (pynetdicom, the C-GET path): returns the DIMSE status."""
+        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
+        who = _who(event)
+        try:
+            header = _routing_header(event)
+        except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, never written
+            self.refuse(who, f"unreadable instance {sop_uid!r}: {exc}")
+            return STATUS_CANNOT_UNDERSTAND
+        flight = self.route(sop_uid, {k: str(header[k].value) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k in header}, who)
+        if isinstance(flight, int):
+            return flight
         return self._write(event, flight, sop_uid)
 
     def _write(self, event: Any, flight: InFlightRetrieve, sop_uid: str) -> int:
@@ -137,18 +170,149 @@ class InstanceSink:
             os.replace(tmp, final)
         except OSError as exc:
             _unlink_quietly(tmp)
-            flight.last_error = f"cannot write {final}: {exc.strerror or exc}"
-            flight.last_errno = exc.errno
-            log.error(flight.last_error)
+            flight.note_write_error(final, exc)
             return STATUS_OUT_OF_RESOURCES
         flight.note_arrival(len(data), duplicate=False)
         return STATUS_SUCCESS
 
-    def _refuse(self, event: Any, why: str) -> None:
+    def refuse(self, who: str, why: str) -> None:
         self.refused += 1
-        calling = getattr(getattr(event, "assoc", None), "requestor", None)
-        who = f"{getattr(calling, 'ae_title', '?')}@{getattr(calling, 'address', '?')}"
         log.warning("refused C-STORE from %s: %s", who, why)
+
+
+class IncomingInstance:
+    """One C-STORE's dataset streamed to disk: routed by the UIDs at its start, then written.
+
+    Until routed, fragments are kept (only the first few KB, normally); then the file meta
+    header and those bytes go to a temp file, and every later fragment is written straight
+    from the network buffer. A refused or duplicate instance is read and dropped. ``finish``
+    renames the complete file into place and returns the C-STORE status; ``abort`` (the
+    connection failed midway) removes the temp file.
+    """
+
+    def __init__(self, sink: InstanceSink, sop_class_uid: str, sop_uid: str, transfer_syntax: str, who: str) -> None:
+        self.sink = sink
+        self.sop_class_uid = sop_class_uid
+        self.sop_uid = sop_uid
+        self.transfer_syntax = transfer_syntax
+        self.who = who
+        self.head = bytearray()
+        self.status: int | None = None  # decided before the end: refused, duplicate or failed
+        self.flight: InFlightRetrieve | None = None
+        self.final: Path | None = None
+        self.tmp: Path | None = None
+        self.fd: int | None = None
+        self.size = 0
+
+    def write(self, piece: memoryview) -> None:
+        if self.fd is not None:
+            self._append(piece)
+        elif self.status is None:
+            self.head += piece
+            self._route(complete=False)
+
+    def _route(self, complete: bool) -> None:
+        try:
+            uids = routing_uids(self.head, self.transfer_syntax, complete)
+        except MalformedDataset as exc:
+            self.sink.refuse(self.who, f"unreadable instance {self.sop_uid!r}: {exc}")
+            self._decide(STATUS_CANNOT_UNDERSTAND)
+            return
+        if uids is None:
+            if len(self.head) > ROUTING_HEAD_LIMIT:
+                self.sink.refuse(self.who, f"instance {self.sop_uid!r}: no Series Instance UID in its first {ROUTING_HEAD_LIMIT} bytes")
+                self._decide(STATUS_CANNOT_UNDERSTAND)
+            return
+        routed = self.sink.route(self.sop_uid, uids, self.who)
+        if isinstance(routed, int):
+            self._decide(routed)
+            return
+        self.flight = routed
+        self.final = instance_file(routed.directory, self.sop_uid)
+        if self.final.exists():
+            self._decide(STATUS_SUCCESS)
+            return
+        self._open_file()
+
+    def _decide(self, status: int) -> None:
+        self.status = status
+        self.head = bytearray()
+
+    def _open_file(self) -> None:
+        assert self.flight is not None and self.final is not None
+        self.tmp = temp_name(self.final, temp_token())
+        meta = encode_file_meta(create_file_meta(
+            sop_class_uid=self.sop_class_uid, sop_instance_uid=self.sop_uid, transfer_syntax=self.transfer_syntax
+        ))  # fmt: skip
+        try:
+            self.flight.directory.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            self._append(memoryview(b"\x00" * 128 + b"DICM" + meta))
+            self._append(memoryview(self.head))
+        except OSError as exc:
+            self._failed(exc)
+        self.head = bytearray()
+
+    def _append(self, piece: memoryview) -> None:
+        try:
+            while piece:
+                written = os.write(self.fd, piece)  # type: ignore[arg-type]
+                self.size += written
+                piece = piece[written:]
+        except OSError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: OSError) -> None:
+        assert self.flight is not None and self.final is not None
+        self.flight.note_write_error(self.final, exc)
+        self._close_and_remove()
+        self.status = STATUS_OUT_OF_RESOURCES
+
+    def _close_and_remove(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self.tmp is not None:
+            _unlink_quietly(self.tmp)
+            self.tmp = None
+
+    def finish(self) -> int:
+        """The dataset is complete: put the file in place; returns the C-STORE status."""
+        if self.status is None and self.fd is None:
+            self._route(complete=True)
+        if self.status is not None:
+            if self.status == STATUS_SUCCESS and self.flight is not None:
+                self.flight.note_arrival(0, duplicate=True)
+            return self.status
+        assert self.flight is not None and self.final is not None and self.tmp is not None
+        try:
+            os.close(self.fd)  # type: ignore[arg-type]
+            self.fd = None
+            os.replace(self.tmp, self.final)
+        except OSError as exc:
+            self._failed(exc)
+            return STATUS_OUT_OF_RESOURCES
+        self.tmp = None
+        self.flight.note_arrival(self.size, duplicate=False)
+        return STATUS_SUCCESS
+
+    def abort(self) -> None:
+        self._close_and_remove()
+
+
+class _Discard:
+    """The dataset of a message we do not store (not a C-STORE): read and dropped."""
+
+    def write(self, piece: memoryview) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def _who(event: Any) -> str:
+    calling = getattr(getattr(event, "assoc", None), "requestor", None)
+    return f"{getattr(calling, 'ae_title', '?')}@{getattr(calling, 'address', '?')}"
 
 
 def _routing_header(event: Any) -> Dataset:
@@ -177,41 +341,13 @@ def _normalise_ip(address: str) -> str:
     return str(mapped or ip)
 
 
-_filter_lock = threading.Lock()
-_filter_installed = False
-
-
-def _install_host_filter() -> None:
-    """Let an AE refuse TCP connections from hosts not in its ``_allowed_hosts`` (idempotent).
-
-    pynetdicom has no address filter; socketserver's ``verify_request`` runs before anything is
-    read from the connection, so a refused host never gets to send a PDU.
-    """
-    global _filter_installed
-    with _filter_lock:
-        if _filter_installed:
-            return
-        original = transport.AssociationServer.verify_request
-
-        def verify_request(self, request, client_address):  # type: ignore[no-untyped-def]
-            allowed = getattr(getattr(self, "ae", None), "_allowed_hosts", None)
-            if allowed is not None and _normalise_ip(str(client_address[0])) not in allowed:
-                log.warning(
-                    "refused connection from %s: not in receiver.allowed_hosts %s", client_address[0], sorted(allowed)
-                )
-                return False
-            return original(self, request, client_address)
-
-        transport.AssociationServer.verify_request = verify_request
-        _filter_installed = True
-
-
 class StorageReceiver:
     """The storage SCP a C-MOVE sends to: listens on ``receiver.bind_address:port``.
 
     Only associations whose calling AE title is in ``allowed_ae_titles`` (for a run: the PACS's,
     see :func:`dicom_assets.config.receiver_allowed_ae_titles`) and, when ``allowed_hosts`` is
-    given, whose peer address is in it, are accepted.
+    given, whose peer address is in it, are accepted. Each association is served by a thread of
+    its own; their data path is :mod:`dicom_assets.pacs.upper_layer`.
     """
 
     def __init__(
@@ -223,14 +359,17 @@ class StorageReceiver:
         allowed_ae_titles: list[str] | None = None,
         allowed_hosts: list[str] | None = None,
     ) -> None:
-        enable_tcp_nodelay()
         self.sink = InstanceSink(download_dir)
         self.ae_title = ae_title
         self.bind_address = bind_address
         self.port = port
         self._allowed = [t.strip() for t in allowed_ae_titles] if allowed_ae_titles else None
         self._allowed_hosts = frozenset(_normalise_ip(h) for h in allowed_hosts) if allowed_hosts else None
-        self._server: Any = None
+        self._contexts = receiver_contexts()
+        self._listener: socket.socket | None = None
+        self._connections: set[socket.socket] = set()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
 
     @classmethod
     def from_settings(cls, settings: Any) -> "StorageReceiver":
@@ -244,31 +383,34 @@ class StorageReceiver:
         )  # fmt: skip
 
     def start(self) -> "StorageReceiver":
-        ae = AE(ae_title=self.ae_title)
-        ae.supported_contexts = receiver_contexts()
-        ae.maximum_pdu_size = 0  # unlimited: fewer, larger PDUs
-        ae.require_called_aet = True
-        if self._allowed:
-            ae.require_calling_aet = self._allowed
-        if self._allowed_hosts is not None:
-            _install_host_filter()
-            ae._allowed_hosts = self._allowed_hosts  # type: ignore[attr-defined]
-        handlers = [(evt.EVT_C_STORE, self.sink.handle_store), (evt.EVT_REJECTED, _log_rejected)]
+        family = socket.AF_INET6 if ":" in self.bind_address else socket.AF_INET
         try:
-            self._server = ae.start_server((self.bind_address, self.port), block=False, evt_handlers=handlers)
+            self._listener = socket.create_server((self.bind_address, self.port), family=family, backlog=64)
         except OSError as exc:
             raise OSError(
                 f"cannot listen on receiver.bind_address:receiver.port {self.bind_address}:{self.port}: "
                 f"{exc.strerror or exc} (is another dicom-assets run using this port?)"
             ) from exc
-        self.port = self._server.server_address[1]
+        self.port = self._listener.getsockname()[1]
+        thread = threading.Thread(target=self._accept_loop, name=f"storage-scp-{self.port}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
         log.info("storage SCP %s listening on %s:%s", self.ae_title, self.bind_address, self.port)
         return self
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        listener, self._listener = self._listener, None
+        if listener is None:
+            return
+        _shutdown(listener)
+        listener.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            _shutdown(conn)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._threads = []
 
     def __enter__(self) -> "StorageReceiver":
         return self.start()
@@ -276,10 +418,87 @@ class StorageReceiver:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _accept_loop(self) -> None:
+        listener = self._listener
+        while listener is not None and self._listener is listener:
+            try:
+                conn, address = listener.accept()
+            except OSError:
+                return  # stopped
+            if self._allowed_hosts is not None and _normalise_ip(str(address[0])) not in self._allowed_hosts:
+                log.warning("refused connection from %s: not in receiver.allowed_hosts %s", address[0], sorted(self._allowed_hosts))
+                conn.close()
+                continue
+            thread = threading.Thread(target=self._serve, args=(conn, address), name=f"storage-scp-{address[1]}", daemon=True)
+            with self._lock:
+                self._connections.add(conn)
+                self._threads = [t for t in self._threads if t.is_alive()]
+                self._threads.append(thread)
+            thread.start()
 
-def _log_rejected(event: Any) -> None:
-    requestor = event.assoc.requestor
-    log.warning(
-        "rejected association from AE %r at %s (not in receiver.allowed_ae_titles / the PACS's AE title)",
-        requestor.ae_title, requestor.address,
-    )  # fmt: skip
+    def _serve(self, conn: socket.socket, address: tuple[Any, ...]) -> None:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(NETWORK_TIMEOUT_S)
+        try:
+            request = ul.read_association_request(conn)
+            if not self._acceptable(conn, request, address):
+                return
+            assoc = ul.accept(conn, request, self._contexts)
+            self._exchange(assoc, f"{request.calling_ae_title}@{address[0]}")
+        except ul.ProtocolError as exc:
+            log.warning("aborting the association from %s: %s", address[0], exc)
+            ul.abort_unaccepted(conn)
+        except (ul.ConnectionClosed, OSError) as exc:
+            log.debug("storage association from %s ended: %s", address[0], exc)
+        finally:
+            with self._lock:
+                self._connections.discard(conn)
+            conn.close()
+
+    def _acceptable(self, conn: socket.socket, request: ul.AssociationRequest, address: tuple[Any, ...]) -> bool:
+        if request.called_ae_title != self.ae_title:
+            reason, why = 7, f"called AE title {request.called_ae_title!r} is not receiver.ae_title {self.ae_title!r}"
+        elif self._allowed and request.calling_ae_title not in self._allowed:
+            reason, why = 3, "not in receiver.allowed_ae_titles / the PACS's AE title"
+        else:
+            return True
+        log.warning("rejected association from AE %r at %s (%s)", request.calling_ae_title, address[0], why)
+        ul.reject(conn, reason)
+        return False
+
+    def _exchange(self, assoc: ul.Association, who: str) -> None:
+        def open_dataset(context_id: int, command: ul.Command) -> Any:
+            if command.field != C_STORE_RQ:
+                return _Discard()
+            sop_class = command.uid(0x00000002) or assoc.abstract_syntax(context_id)
+            return self.sink.open_instance(sop_class, command.uid(0x00001000), assoc.transfer_syntax(context_id), who)
+
+        for context_id, command, dataset in assoc.messages(open_dataset):
+            if command.field == C_STORE_RQ and isinstance(dataset, IncomingInstance):
+                status = dataset.finish()
+                reply = _response(C_STORE_RSP, command, status, command.uid(0x00001000))
+            elif command.field == C_ECHO_RQ:
+                reply = _response(C_ECHO_RSP, command, STATUS_SUCCESS)
+            else:
+                raise ul.ProtocolError(f"unsupported DIMSE command 0x{command.field or 0:04x}")
+            assoc.send_command(context_id, reply)
+
+
+def _response(field_: int, request: ul.Command, status: int, sop_uid: str | None = None) -> bytes:
+    values: dict[int, int | str] = {
+        0x00000002: request.uid(0x00000002),
+        0x00000100: field_,
+        0x00000120: request.message_id,
+        0x00000800: 0x0101,
+        0x00000900: status,
+    }
+    if sop_uid is not None:
+        values[0x00001000] = sop_uid
+    return ul.encode_command(values)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass

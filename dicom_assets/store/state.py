@@ -15,6 +15,7 @@ and the busy timeout makes writers queue instead of failing.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from itertools import islice
 from pathlib import Path
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     import pandas
 
 SCHEMA_SQL = Path(__file__).parent / "schema.sql"
+_ID_SEPARATOR = "\x1f"  # joins PatientIDs into one parameter (ASCII unit separator)
 BATCH_ROWS = 1000
 SQLITE_BUSY_TIMEOUT_S = 60.0
 _SCHEMA_LOCK_KEY = 0x6469636F6D  # pg_advisory_xact_lock key serialising concurrent create_schema()
@@ -82,6 +84,47 @@ _SERIES_STATE_COLUMNS = (
     "claim_expires_at",
 )
 _INT_INVENTORY_COLUMNS = ("series_number", "expected_instances", "downloaded_instances", "downloaded_bytes", "attempts")
+
+
+@dataclass(frozen=True)
+class RelatedCounts:
+    """The computed counts a C-FIND answer carried for a patient or a study; None = not answered.
+
+    ``studies`` is NumberOfPatientRelatedStudies (patients only); ``series`` and ``instances``
+    are NumberOfPatientRelatedSeries/Instances or NumberOfStudyRelatedSeries/Instances. They are
+    how discovery notices, without asking about every study, that something changed below.
+    """
+
+    studies: int | None = None
+    series: int | None = None
+    instances: int | None = None
+
+
+@dataclass(frozen=True)
+class OutdatedRow:
+    """A patient whose studies, or a study whose series, must be asked for again.
+
+    ``outdated_at`` is the stored mark exactly as read: handing it back to ``mark_*_discovered``
+    clears the mark only if nothing outdated the row again meanwhile (None: not marked).
+    """
+
+    key: str  # PatientID or StudyInstanceUID
+    patient_id: str
+    outdated_at: datetime | None
+
+
+@dataclass(frozen=True)
+class DiscoveryWatermark:
+    """Where incremental discovery of one PACS stands (table ``discovery_watermarks``)."""
+
+    watermark: str  # DICOM DA: the local date the last complete pass started
+    passed_at: datetime
+    full_pass_at: datetime | None
+
+
+#: RelatedCounts attribute -> column, per table.
+_PATIENT_COUNT_COLUMNS = {"studies": "related_studies", "series": "related_series", "instances": "related_instances"}
+_STUDY_COUNT_COLUMNS = {"series": "related_series", "instances": "related_instances"}
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -422,6 +465,187 @@ class StateStore:
             ).first()
         return _series_state(row) if row else None
 
+    # -- incremental discovery ---------------------------------------------------------------
+    def _record_counts(
+        self,
+        table: sa.Table,
+        key: str,
+        columns: dict[str, str],
+        outdated_column: str,
+        counts: Iterable[tuple[str, RelatedCounts]],
+        unknown_outdates: bool,
+    ) -> int:
+        """Store the PACS's related counts of known rows; rows whose counts changed (or, with
+        ``unknown_outdates``, came without any) get ``outdated_column`` = now. A count the PACS
+        did not answer keeps the stored one. Rows that are not in the table are ignored.
+        Returns how many rows were outdated."""
+        outdated = 0
+        key_col = table.c[key]
+        stmt = (
+            sa.update(table)
+            .where(key_col == sa.bindparam("b_key"))
+            .values(
+                {
+                    **{column: sa.func.coalesce(sa.bindparam(f"b_{column}", type_=sa.Integer), table.c[column]) for column in columns.values()},
+                    outdated_column: self._now(),
+                }
+            )
+        )
+        for chunk in _chunks(counts, BATCH_ROWS):
+            batch = dict(chunk)
+            with self._write() as conn:
+                query = sa.select(key_col, *(table.c[c] for c in columns.values())).where(key_col.in_(list(batch))).order_by(key_col)
+                if self.is_postgresql:
+                    query = query.with_for_update()
+                changed = []
+                for row in conn.execute(query):
+                    new = {column: getattr(batch[row[0]], attr) for attr, column in columns.items()}
+                    known = {column: value for column, value in new.items() if value is not None}
+                    if any(row._mapping[c] != v for c, v in known.items()) if known else unknown_outdates:
+                        changed.append({"b_key": row[0], **{f"b_{c}": v for c, v in new.items()}})
+                if changed:
+                    conn.execute(stmt, changed)
+                    outdated += len(changed)
+        return outdated
+
+    def record_patient_counts(self, counts: dict[str, RelatedCounts]) -> int:
+        """Store each known patient's NumberOfPatientRelated{Studies,Series,Instances}.
+
+        A patient whose counts changed gets ``studies_outdated_at`` = now: something below it
+        changed on the PACS. No counts at all changes nothing (such a PACS relies on full
+        passes). Returns how many patients were outdated.
+        """
+        return self._record_counts(t.patients, "patient_id", _PATIENT_COUNT_COLUMNS, "studies_outdated_at", counts.items(), False)
+
+    def record_study_counts(self, counts: dict[str, RelatedCounts]) -> int:
+        """Store each known study's NumberOfStudyRelated{Series,Instances}.
+
+        A study whose counts changed, or that came without counts (then nothing tells an
+        unchanged study from a changed one), gets ``series_outdated_at`` = now. Returns how many.
+        """
+        return self._record_counts(t.studies, "study_instance_uid", _STUDY_COUNT_COLUMNS, "series_outdated_at", counts.items(), True)
+
+    def settle_patient_studies(self, patient_ids: Sequence[str], full_pass: bool) -> int:
+        """Clear the outdated mark of these patients when their stored studies account for the
+        PACS's patient-level counts (number of studies, sums of the studies' related series and
+        instances), or, after a full pass, when the PACS gave no patient-level counts.
+
+        Called after a date-window pass: a patient whose change was a recent study is then fully
+        known without a per-patient query. Returns how many of them stay outdated.
+        """
+        p, st = t.patients.c, t.studies.c
+        remaining = 0
+        for chunk in _chunks(dict.fromkeys(patient_ids), BATCH_ROWS):
+            known = (
+                sa.select(
+                    st.patient_id,
+                    sa.func.count().label("studies"),
+                    sa.func.sum(st.related_series).label("series"),
+                    sa.func.sum(st.related_instances).label("instances"),
+                )
+                .where(st.patient_id.in_(chunk))
+                .group_by(st.patient_id)
+                .subquery("known")
+            )
+            query = (
+                sa.select(p.patient_id, p.related_studies, p.related_series, p.related_instances, known.c.studies, known.c.series, known.c.instances)
+                .select_from(t.patients.outerjoin(known, known.c.patient_id == p.patient_id))
+                .where(p.patient_id.in_(chunk), p.studies_outdated_at.is_not(None))
+            )
+            with self._write() as conn:
+                settled = []
+                for row in conn.execute(query):
+                    pairs = [(row[1], row[4]), (row[2], row[5]), (row[3], row[6])]
+                    answered = [(pacs, int(ours or 0)) for pacs, ours in pairs if pacs is not None]
+                    if all(pacs == ours for pacs, ours in answered) if answered else full_pass:
+                        settled.append(row[0])
+                    else:
+                        remaining += 1
+                if settled:
+                    conn.execute(sa.update(t.patients).where(p.patient_id.in_(settled)).values(studies_outdated_at=None))
+        return remaining
+
+    def patients_to_query_for_studies(self, patient_ids: Sequence[str], every_patient: bool = False) -> list[OutdatedRow]:
+        """These patients whose studies are outdated (or all of them), in the order given."""
+        p = t.patients.c
+        found: dict[str, OutdatedRow] = {}
+        with self._read() as conn:
+            for chunk in _chunks(dict.fromkeys(patient_ids), BATCH_ROWS):
+                query = sa.select(p.patient_id, p.studies_outdated_at).where(p.patient_id.in_(chunk))
+                if not every_patient:
+                    query = query.where(p.studies_outdated_at.is_not(None))
+                found.update({pid: OutdatedRow(pid, pid, at) for pid, at in conn.execute(query)})
+        return [found[pid] for pid in dict.fromkeys(patient_ids) if pid in found]
+
+    def studies_to_query_for_series(self, patient_ids: Sequence[str], every_study: bool = False) -> list[OutdatedRow]:
+        """The studies of these patients whose series are outdated (or all of them), ordered by
+        patient, study date, study uid."""
+        st = t.studies.c
+        out: list[OutdatedRow] = []
+        with self._read() as conn:
+            for chunk in _chunks(sorted(set(patient_ids)), BATCH_ROWS):
+                query = (
+                    sa.select(st.study_instance_uid, st.patient_id, st.series_outdated_at)
+                    .where(st.patient_id.in_(chunk))
+                    .order_by(st.patient_id, st.study_date.nulls_last(), st.study_instance_uid)
+                )
+                if not every_study:
+                    query = query.where(st.series_outdated_at.is_not(None))
+                out.extend(OutdatedRow(uid, pid, at) for uid, pid, at in conn.execute(query))
+        return out
+
+    def _clear_outdated(self, table: sa.Table, key: str, column: str, rows: Iterable[OutdatedRow]) -> int:
+        """Compare-and-clear: a mark set again after it was read (a later time) stays."""
+        marked = [r for r in rows if r.outdated_at is not None]
+        if not marked:
+            return 0
+        stmt = sa.update(table).where(
+            table.c[key] == sa.bindparam("b_key"), table.c[column] <= sa.bindparam("b_at", type_=table.c[column].type)
+        ).values({column: None})
+        cleared = 0
+        for chunk in _chunks(marked, BATCH_ROWS):
+            with self._write() as conn:
+                result = conn.execute(stmt, [{"b_key": r.key, "b_at": r.outdated_at} for r in chunk])
+                cleared += max(result.rowcount, 0)
+        return cleared
+
+    def mark_studies_discovered(self, patients: Iterable[OutdatedRow]) -> int:
+        """The studies of these patients were just asked for: clear their marks (as read)."""
+        return self._clear_outdated(t.patients, "patient_id", "studies_outdated_at", patients)
+
+    def mark_series_discovered(self, studies: Iterable[OutdatedRow]) -> int:
+        """The series of these studies were just asked for: clear their marks (as read)."""
+        return self._clear_outdated(t.studies, "study_instance_uid", "series_outdated_at", studies)
+
+    def count_studies(self, patient_ids: Sequence[str]) -> int:
+        """How many studies of these patients the state DB knows."""
+        st = t.studies.c
+        total = 0
+        with self._read() as conn:
+            for chunk in _chunks(dict.fromkeys(patient_ids), BATCH_ROWS):
+                total += conn.execute(sa.select(sa.func.count()).select_from(t.studies).where(st.patient_id.in_(chunk))).scalar_one()
+        return total
+
+    def discovery_watermark(self, pacs_key: str) -> DiscoveryWatermark | None:
+        """Where discovery of this PACS stands; None before its first complete pass."""
+        w = t.discovery_watermarks.c
+        with self._read() as conn:
+            row = conn.execute(sa.select(w.watermark, w.passed_at, w.full_pass_at).where(w.pacs_key == pacs_key)).first()
+        if row is None:
+            return None
+        return DiscoveryWatermark(watermark=row[0], passed_at=_utc(row[1]), full_pass_at=_utc(row[2]))  # type: ignore[arg-type]
+
+    def record_discovery_pass(self, pacs_key: str, watermark: str, full_pass: bool) -> None:
+        """A complete pass over this PACS ended: move its watermark (and its full-pass time)."""
+        table = t.discovery_watermarks
+        now = self._now()
+        stmt = self._insert(table).values(pacs_key=pacs_key, watermark=watermark, passed_at=now, full_pass_at=now if full_pass else None)
+        set_: dict[str, Any] = {"watermark": stmt.excluded.watermark, "passed_at": stmt.excluded.passed_at}
+        if full_pass:
+            set_["full_pass_at"] = stmt.excluded.full_pass_at
+        with self._write() as conn:
+            conn.execute(stmt.on_conflict_do_update(index_elements=[table.c.pacs_key], set_=set_))
+
     # -- retrieval ---------------------------------------------------------------------------
     def _retrievable(self) -> sa.ColumnElement[bool]:
         s = t.series.c
@@ -433,14 +657,55 @@ class StateStore:
             ),
         )
 
+    def _patient_in(self, patient_ids: list[str]) -> sa.ColumnElement[bool]:
+        """``series.patient_id`` is one of ``patient_ids``.
+
+        PostgreSQL: the IDs travel as one text parameter, split on the server into an array the
+        planner sees only as an InitPlan parameter. A 20,000-element IN list or array literal
+        costs ~26 ms to adapt in psycopg and ~36 ms to plan (every element is estimated); this
+        costs ~1 ms, and the claim index is still scanned in order. Falls back to IN when an ID
+        contains the separator (never a DICOM PatientID character).
+        """
+        s = t.series.c
+        joined = _ID_SEPARATOR.join(patient_ids)
+        if not self.is_postgresql or joined.count(_ID_SEPARATOR) != len(patient_ids) - 1:
+            return s.patient_id.in_(patient_ids)
+        array = sa.select(
+            sa.func.string_to_array(sa.literal(joined, sa.Text), sa.literal(_ID_SEPARATOR, sa.Text),
+                                    type_=pg_dialect.ARRAY(sa.Text))
+        ).scalar_subquery()
+        return s.patient_id == sa.any_(sa.cast(array, pg_dialect.ARRAY(sa.Text)))
+
+    def _claimable(
+        self,
+        patient_ids: list[str],
+        max_attempts: int | None,
+        run_id: str | None = None,
+        only: Collection[str] | None = None,
+        from_patient: str | None = None,
+    ) -> list[sa.ColumnElement[bool]]:
+        """The WHERE clauses of "a series claim_next_series may take" (see its docstring)."""
+        s = t.series.c
+        clauses = [t.SERIES_NOT_COMPLETE, self._patient_in(patient_ids), self._retrievable()]
+        if run_id is not None:
+            clauses.append(s.claimed_in_run.is_distinct_from(run_id))
+        if only is not None:
+            clauses.append(s.series_instance_uid.in_(list(only)))
+        if from_patient is not None:
+            clauses.append(s.patient_id >= from_patient)
+        if max_attempts is not None:
+            clauses.append(sa.or_(s.download_status == "pending", s.attempts < max_attempts))
+        return clauses
+
     def claim_next_series(
         self,
         patient_ids: Sequence[str],
         worker: str,
         lease_s: float,
-        exclude: Collection[str] = (),
+        run_id: str | None = None,
         max_attempts: int | None = None,
         only: Collection[str] | None = None,
+        from_patient: str | None = None,
     ) -> SeriesState | None:
         """Atomically claim one retrievable series of these patients for ``worker``.
 
@@ -448,13 +713,19 @@ class StateStore:
         the past (a crashed claimer). PostgreSQL: SELECT ... FOR UPDATE SKIP LOCKED LIMIT 1,
         then UPDATE. Sets status in_progress, claimed_by, claim_expires_at = now + lease,
         attempts + 1. Returns the claimed row (after update) or None.
-        Order: patient_id, study uid, series_number (NULL last), series uid.
+        Order: patient_id, study uid, series_number (NULL last), series uid: the order of the
+        partial index series_claim_idx (not-complete series only), so a claim reads a few index
+        entries however many series are complete.
         SQLite: one UPDATE ... WHERE uid = (SELECT ... LIMIT 1) RETURNING under BEGIN IMMEDIATE.
-        ``exclude``: series UIDs never to claim (e.g. those this run already attempted, so a
-        series that just ended failed/incomplete is not retried in a loop within one run).
+        ``run_id``: the retrieval run claiming. It is stored in the claimed row
+        (``series.claimed_in_run``) and series already claimed under it are skipped, so a series
+        that ended failed/incomplete is not retried in a loop within one run; another run claims
+        it again. A retry of one series within the run (``only``) passes no run_id.
         ``max_attempts``: a series that already had that many attempts is no longer claimed
         (it stays failed with its last error) unless it is 'pending' (new, or reset because the
         PACS gained instances). ``only``: claim only among these series UIDs.
+        ``from_patient``: only series of patients >= this PatientID (in the database's order),
+        so a run resumes at its last claim instead of re-reading every series it attempted.
         """
         ids = list(dict.fromkeys(patient_ids))
         if not ids or (only is not None and not only):
@@ -462,12 +733,7 @@ class StateStore:
         s = t.series.c
         pick = (
             sa.select(s.series_instance_uid)
-            .where(s.patient_id.in_(ids), self._retrievable())
-            .where(*([s.series_instance_uid.not_in(list(exclude))] if exclude else []))
-            .where(*([s.series_instance_uid.in_(list(only))] if only is not None else []))
-            .where(
-                *([sa.or_(s.download_status == "pending", s.attempts < max_attempts)] if max_attempts is not None else [])
-            )
+            .where(*self._claimable(ids, max_attempts, run_id, only, from_patient))
             .order_by(s.patient_id, s.study_instance_uid, s.series_number.nulls_last(), s.series_instance_uid)
             .limit(1)
         )
@@ -477,6 +743,8 @@ class StateStore:
             "claim_expires_at": self._now_plus(lease_s),
             "attempts": s.attempts + 1,
         }
+        if run_id is not None:
+            values["claimed_in_run"] = run_id
         returning = [s[c] for c in _SERIES_STATE_COLUMNS]
         with self._write() as conn:
             if self.is_postgresql:
@@ -488,6 +756,16 @@ class StateStore:
                 target = s.series_instance_uid == pick.scalar_subquery()
             row = conn.execute(sa.update(t.series).where(target).values(**values).returning(*returning)).first()
         return _series_state(row) if row else None
+
+    def has_claimable_series(self, patient_ids: Sequence[str], max_attempts: int | None = None) -> bool:
+        """Whether claim_next_series(patient_ids, max_attempts=...) could claim anything now
+        (one indexed EXISTS, so an idle run over many patients sends no request and costs ~1 ms)."""
+        ids = list(dict.fromkeys(patient_ids))
+        if not ids:
+            return False
+        query = sa.select(sa.exists().where(*self._claimable(ids, max_attempts)))
+        with self._read() as conn:
+            return bool(conn.execute(query).scalar())
 
     def extend_claim(self, series_uid: str, worker: str, lease_s: float) -> bool:
         """Push the claim's expiry to now + lease. False if ``worker`` no longer holds the claim."""
@@ -630,9 +908,19 @@ class StateStore:
             )
 
     def all_series_uids(self) -> list[str]:
-        """Every SeriesInstanceUID in the state DB (for the inventory completeness check)."""
+        """Every SeriesInstanceUID in the state DB (a list: for small DBs and tests)."""
         with self._read() as conn:
             return list(conn.execute(sa.select(t.series.c.series_instance_uid)).scalars())
+
+    def iter_series_uids(self, chunk_rows: int = 50_000) -> Iterator[list[str]]:
+        """Every SeriesInstanceUID in lists of at most ``chunk_rows``, streamed from one query
+        (server-side cursor on PostgreSQL), so a million never sit in memory at once."""
+        if chunk_rows < 1:
+            raise ValueError("chunk_rows must be >= 1")
+        with self._read() as conn:
+            result = conn.execution_options(yield_per=chunk_rows).execute(sa.select(t.series.c.series_instance_uid))
+            for part in result.partitions(chunk_rows):
+                yield [row[0] for row in part]
 
     def latest_archive(self, patient_id: str) -> ArchiveRecord | None:
         """The patient's most recent archive record, or None."""
@@ -784,23 +1072,33 @@ class StateStore:
             )
         )
 
-    def iter_inventory(self, chunk_rows: int = 50_000) -> Iterator["pandas.DataFrame"]:
-        """One SQL query (series JOIN studies JOIN patients LEFT JOIN latest archive), read in chunks.
-        Columns: see dicom_assets.inventory.INVENTORY_COLUMNS.
+    def iter_inventory_rows(self, chunk_rows: int = 10_000) -> Iterator[list[tuple[Any, ...]]]:
+        """The inventory query's rows as tuples (columns: dicom_assets.inventory.INVENTORY_COLUMNS),
+        in lists of at most ``chunk_rows``.
 
-        Streams (server-side cursor on PostgreSQL), so at most ``chunk_rows`` rows are in memory.
-        Integer columns are pandas ``Int64`` (NULL-able), downloaded_at is UTC datetime64. Yields
+        One query (one snapshot), streamed through a server-side cursor on PostgreSQL, so memory
+        is bounded by the chunk whatever the number of series. downloaded_at is aware UTC. Yields
         nothing when there are no series. Holds one connection until exhausted or closed.
         """
-        import pandas as pd
-
         if chunk_rows < 1:
             raise ValueError("chunk_rows must be >= 1")
         query = self.inventory_query()
-        columns = [c.name for c in query.selected_columns]
+        at = [c.name for c in query.selected_columns].index("downloaded_at")
         with self._read() as conn:
             result = conn.execution_options(yield_per=chunk_rows).execute(query)
             for part in result.partitions(chunk_rows):
+                yield [(*row[:at], _utc(row[at]), *row[at + 1 :]) for row in part]
+
+    def iter_inventory(self, chunk_rows: int = 50_000) -> Iterator["pandas.DataFrame"]:
+        """iter_inventory_rows as DataFrames (for analysis; the CSV is written from the rows).
+
+        Integer columns are pandas ``Int64`` (NULL-able), downloaded_at is UTC datetime64.
+        """
+        import pandas as pd
+
+        columns = [c.name for c in self.inventory_query().selected_columns]
+        for part in self.iter_inventory_rows(chunk_rows):
+            if part:
                 frame = pd.DataFrame.from_records(part, columns=columns)
                 for name in _INT_INVENTORY_COLUMNS:
                     frame[name] = frame[name].astype("Int64")

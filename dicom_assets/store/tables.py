@@ -15,6 +15,10 @@ SERIES_STATUSES: tuple[str, ...] = ("pending", "in_progress", "complete", "incom
 
 metadata = sa.MetaData()
 
+#: The predicate of the partial index series_claim_idx. The claim query repeats it verbatim, so
+#: PostgreSQL can use the index even in a generic plan of the prepared claim statement.
+SERIES_NOT_COMPLETE = sa.text("download_status <> 'complete'")
+
 # SQLite's CURRENT_TIMESTAMP has whole seconds only; this keeps milliseconds, in the format the
 # SQLAlchemy SQLite DateTime type reads back (UTC, like every timestamp the store writes there).
 SQLITE_NOW = "strftime('%Y-%m-%d %H:%M:%f', 'now')"
@@ -54,6 +58,11 @@ patients = sa.Table(
     sa.Column("patient_sex", sa.Text),
     sa.Column("patient_birth_date", sa.Text),
     *_timestamps(),
+    # added later by ALTER TABLE in schema.sql (incremental discovery), hence after the timestamps
+    sa.Column("related_studies", sa.Integer),
+    sa.Column("related_series", sa.Integer),
+    sa.Column("related_instances", sa.Integer),
+    sa.Column("studies_outdated_at", sa.DateTime(timezone=True), server_default=db_now()),
 )
 
 studies = sa.Table(
@@ -70,6 +79,10 @@ studies = sa.Table(
     sa.Column("study_description", sa.Text),
     sa.Column("modalities_in_study", sa.Text),
     *_timestamps(),
+    # added later by ALTER TABLE in schema.sql (incremental discovery), hence after the timestamps
+    sa.Column("related_series", sa.Integer),
+    sa.Column("related_instances", sa.Integer),
+    sa.Column("series_outdated_at", sa.DateTime(timezone=True), server_default=db_now()),
     sa.Index("studies_patient_idx", "patient_id"),
 )
 
@@ -103,6 +116,8 @@ series = sa.Table(
     sa.Column("claim_expires_at", sa.DateTime(timezone=True)),
     sa.Column("downloaded_at", sa.DateTime(timezone=True)),
     *_timestamps(),
+    # added later by ALTER TABLE in schema.sql (claims at scale), hence after the timestamps
+    sa.Column("claimed_in_run", sa.Text),
     sa.CheckConstraint(
         "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
         name="series_download_status_check",
@@ -110,6 +125,17 @@ series = sa.Table(
     sa.Index("series_patient_idx", "patient_id"),
     sa.Index("series_study_idx", "study_instance_uid"),
     sa.Index("series_status_idx", "download_status"),
+    # The claim order over not-complete series only: a claim reads a few entries of this index
+    # however many series are complete.
+    sa.Index(
+        "series_claim_idx",
+        "patient_id",
+        "study_instance_uid",
+        "series_number",
+        "series_instance_uid",
+        postgresql_where=SERIES_NOT_COMPLETE,
+        sqlite_where=SERIES_NOT_COMPLETE,
+    ),
 )
 
 archives = sa.Table(
@@ -165,6 +191,16 @@ pacs_request_log = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("what", sa.Text, nullable=False),
     sa.Index("pacs_request_log_key_idx", "pacs_key", "sent_at"),
+)
+
+# Incremental discovery: per PACS, the date watermark and when the last (full) pass ended.
+discovery_watermarks = sa.Table(
+    "discovery_watermarks",
+    metadata,
+    sa.Column("pacs_key", sa.Text, primary_key=True),
+    sa.Column("watermark", sa.Text, nullable=False),
+    sa.Column("passed_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("full_pass_at", sa.DateTime(timezone=True)),
 )
 
 TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives)

@@ -6,16 +6,17 @@ from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.partitions import per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.heartbeat import ping
-from dicom_assets.publish import PublishError, publish_patient_archive
+from dicom_assets.publish import PublishError, destination_from_settings, publish_patient_archive
 
 
 @per_patient_asset(group_name="archive", kinds={"zip"}, deps=[patient_archive])
 def published_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
-    """Copy, verify (SHA-256) and rename each new zip at ``publish.directory``; inactive unless set."""
+    """Copy, verify (SHA-256) and rename each new zip at ``publish.directory`` or
+    ``publish.rsync_target``; inactive unless one is set."""
     settings = dicom.settings()
-    target = settings.publish.directory
-    if target is None:
-        context.log.info("publish.directory is not set: publishing is off")
+    destination = destination_from_settings(settings.publish)
+    if destination is None:
+        context.log.info("neither publish.directory nor publish.rsync_target is set: publishing is off")
         return dg.MaterializeResult(metadata={"configured": 0, "published": 0})
     heartbeat = settings.publish.heartbeat
     if heartbeat:
@@ -25,7 +26,7 @@ def published_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
     failures: list[str] = []
     for pid in dicom.patient_ids(context.partition_keys):
         try:
-            result = publish_patient_archive(dicom.store(), settings.paths.archive_dir, target, pid, settings.archive.delimiter)
+            result = publish_patient_archive(dicom.store(), settings.paths.archive_dir, destination, pid, settings.archive.delimiter)
         except PublishError as exc:
             failures.append(str(exc))
             context.log.error(str(exc))
@@ -43,7 +44,8 @@ def published_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
         raise dg.Failure(f"{len(failures)} archive(s) not published; they are retried next run", metadata={
             "first_error": failures[0], "published": copied})
     return dg.MaterializeResult(metadata={
-        "configured": 1, "published": copied, "already_published": unchanged, "bytes": size,
+        "configured": 1, "destination": destination.name, "published": copied, "already_published": unchanged,
+        "bytes": size,
         "seconds": round(seconds, 3), "mb_per_s": round(size / 1e6 / seconds, 3) if seconds > 0 else 0.0,
         "superseded_removed": removed,
     })

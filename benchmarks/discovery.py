@@ -1,0 +1,114 @@
+"""Discovery: PACS requests and seconds of a first (full) pass, and of a second pass over the
+unchanged PACS (issue 5).
+
+:func:`benchmark_discovery` serves a cohort of tiny images (cached under the work directory,
+see :mod:`benchmarks.cohorts`) with the bundled PACS on loopback and runs discovery the way a
+sync does: the discovery pass (the patient query and the date windows), then the studies and
+series steps over every patient, in runs of 200 patients (``PATIENTS_PER_RUN`` of the
+retrieval schedule). Requests are counted by the PACS itself: associations plus C-FINDs.
+It returns, and ``python -m benchmarks.discovery`` prints as JSON::
+
+    {"first_requests", "first_seconds", "second_requests", "second_seconds", "studies", "patients"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.cohorts import cached_cohort
+from dicom_assets.config import DiscoverySettings, settings_from_dict
+from dicom_assets.devpacs import CohortSpec, DevPacs
+from dicom_assets.discovery import discover_pass, discover_series, discover_studies
+from dicom_assets.pacs.client import PacsClient
+from dicom_assets.store import StateStore
+
+PATIENTS_PER_RUN = 200  # dicom_assets.defs.retrieval.schedules.PATIENTS_PER_RUN
+
+
+def discovery_spec(patients: int, studies_per_patient: int = 2, series_per_study: int = 2) -> CohortSpec:
+    """``patients`` x 2 studies x 2 series x 1 slice of 16x16: discovery never reads pixels."""
+    return CohortSpec(
+        patients=patients, studies_per_patient=studies_per_patient, series_per_study=series_per_study,
+        slices_per_series=1, rows=16, columns=16, patient_id_prefix="DISC", seed=9,
+    )  # fmt: skip
+
+
+def _one_pass(client: PacsClient, store: StateStore, pacs: DevPacs) -> tuple[int, float, dict[str, int]]:
+    """A sync's discovery: the pass, then studies and series per run of patients; returns the
+    requests the PACS served, the seconds taken and the requests by kind."""
+    before = pacs.requests_by_kind()
+    started = time.monotonic()
+    keys, _ = discover_pass(client, store, lambda identifier: True, DiscoverySettings())
+    ids = list(store.patient_ids_for_keys(keys).values())
+    for i in range(0, len(ids), PATIENTS_PER_RUN):
+        run = ids[i : i + PATIENTS_PER_RUN]
+        discover_studies(client, store, run)
+        discover_series(client, store, run)
+    seconds = time.monotonic() - started
+    after = pacs.requests_by_kind()
+    by_kind = {kind: after[kind] - before.get(kind, 0) for kind in after if after[kind] != before.get(kind, 0)}
+    return sum(by_kind.values()), seconds, by_kind
+
+
+def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str | None = None) -> dict[str, Any]:
+    """Measure both passes against a fresh state DB (SQLite under ``work_dir`` unless an empty
+    database's ``database_url`` is given); see the module doc for the returned keys."""
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    cohort = cached_cohort(work_dir, discovery_spec(patients))
+    if database_url is None:
+        state = work_dir / "discovery-state.sqlite"
+        for stale in work_dir.glob("discovery-state.sqlite*"):
+            stale.unlink()
+        database_url = f"sqlite:///{state}"
+    store = StateStore(database_url)
+    store.create_schema()
+    try:
+        with DevPacs(cohort.dicom_dir) as pacs:
+            settings = settings_from_dict({
+                "pacs": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": pacs.ae_title, "timeout_s": 60},
+                "paths": {"download_dir": str(work_dir / "unused"), "archive_dir": str(work_dir / "unused"),
+                          "report_dir": str(work_dir / "unused")},
+            })  # fmt: skip
+            client = PacsClient(settings.pacs)
+            first_requests, first_seconds, first_kinds = _one_pass(client, store, pacs)
+            second_requests, second_seconds, second_kinds = _one_pass(client, store, pacs)
+    finally:
+        store.dispose()
+    studies = len({s.study_instance_uid for s in cohort.series})
+    print(f"discovery: first pass {first_kinds}, second pass {second_kinds}", file=sys.stderr)
+    return {
+        "first_requests": first_requests,
+        "first_seconds": round(first_seconds, 3),
+        "second_requests": second_requests,
+        "second_seconds": round(second_seconds, 3),
+        "studies": studies,
+        "patients": len(cohort.patient_ids),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=2000)
+    parser.add_argument("--work-dir", type=Path, help="cohort cache and state DB (default: a temp dir)")
+    parser.add_argument("--database-url", help="an EMPTY state DB (default: SQLite in the work dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.work_dir is None:
+        with tempfile.TemporaryDirectory(prefix="bench-discovery-") as tmp:
+            result = benchmark_discovery(Path(tmp), args.patients, args.database_url)
+    else:
+        result = benchmark_discovery(args.work_dir, args.patients, args.database_url)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""The project's retrieval, measured the way it runs in production: ``dicom-assets sync``.
+
+Each variant gets a fresh PostgreSQL state DB, a fresh Dagster home and an empty download
+directory, and runs ``dicom-assets sync --json-summary`` as a child process (without
+``TCP_NODELAY`` in its environment: the project's sockets must not depend on it). The sync is a
+whole pass (discovery, retrieval, archive, validation, inventory); the retrieval figures are the
+ones the ``downloaded_series`` asset records (seconds, bytes, instances), which ``--json-summary``
+writes out. The CPU of the retrieval phase alone is read off the child's sampled CPU times
+between the start and the end of retrieval (end = the newest instance file's mtime, start = end
+minus the recorded retrieval seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import sqlalchemy as sa
+import yaml
+
+from benchmarks.measure import ChildUsage, cpu_between, environment, peak_rss_between, run_child
+from benchmarks.orthanc_site import PROJECT_AET, Site
+from dicom_assets_tests.orthanc import ORTHANC_AET
+
+SYNC_TIMEOUT_S = 1200.0
+
+
+@dataclass(frozen=True)
+class ProjectVariant:
+    """One way to run the project: retrieve method and number of concurrent associations."""
+
+    method: str  # "c-move" | "c-get"
+    associations: int
+    default: bool  # the config's default number of associations
+
+    @property
+    def label(self) -> str:
+        return f"dicom-assets sync {self.method}, {self.associations} assoc{' (default)' if self.default else ''}"
+
+
+@dataclass(frozen=True)
+class ProjectResult:
+    variant: ProjectVariant
+    usage: ChildUsage
+    summary: dict[str, object]
+    files: int
+    bytes_on_disk: int
+    retrieval_s: float
+    bytes_received: int
+    instances_received: int
+    retrieval_cpu_s: float | None
+    retrieval_peak_rss_mb: float | None
+
+
+@contextmanager
+def scratch_database(server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database on ``server_url`` for the block; dropped afterwards."""
+    name = f"dicom_assets_bench_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(server_url, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        yield sa.engine.make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def write_config(directory: Path, site: Site, variant: ProjectVariant, database_url: str, patient_id_regex: str) -> Path:
+    """The sync's config: Orthanc on loopback, our receiver on its registered port, defaults elsewhere."""
+    pacs: dict[str, object] = {
+        "host": "127.0.0.1", "port": site.dicom_port, "called_ae_title": ORTHANC_AET, "calling_ae_title": PROJECT_AET,
+        "retrieve_method": variant.method,
+    }  # fmt: skip
+    if not variant.default:
+        pacs["max_concurrent_associations"] = variant.associations
+    config = {
+        "pacs": pacs,
+        "receiver": {"ae_title": PROJECT_AET, "bind_address": "127.0.0.1", "port": site.project_receiver_port},
+        "selection": {"patient_id_regex": patient_id_regex},
+        "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
+        "database": {"url": database_url},
+    }
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def instance_files(download_dir: Path) -> tuple[int, int, float | None]:
+    """(count, bytes, newest mtime) of the ``.dcm`` files under ``download_dir`` (temp files excluded)."""
+    count = size = 0
+    newest: float | None = None
+    for root, _, names in os.walk(download_dir):
+        for name in names:
+            if name.endswith(".dcm") and not name.startswith("."):
+                st = os.stat(os.path.join(root, name))
+                count += 1
+                size += st.st_size
+                newest = st.st_mtime if newest is None else max(newest, st.st_mtime)
+    return count, size, newest
+
+
+def dicom_assets_command() -> str:
+    """The ``dicom-assets`` script of this interpreter's environment."""
+    return str(Path(sys.executable).parent / "dicom-assets")
+
+
+def run_project_variant(site: Site, variant: ProjectVariant, directory: Path, pg_server_url: str, patient_id_regex: str) -> ProjectResult:
+    """One ``dicom-assets sync`` pass in ``directory`` (fresh state DB and Dagster home)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    dagster_home = directory / "dagster_home"
+    dagster_home.mkdir(exist_ok=True)
+    (dagster_home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    summary_file = directory / "sync-summary.json"
+    with scratch_database(pg_server_url) as database_url:
+        config = write_config(directory, site, variant, database_url, patient_id_regex)
+        env = environment(TCP_NODELAY=None, DAGSTER_HOME=str(dagster_home), DICOM_ASSETS_CONFIG=None)
+        usage = run_child(
+            [dicom_assets_command(), "sync", "--config", str(config), "--no-progress", "--json-summary", str(summary_file)],
+            directory / "sync.log", env, cwd=directory, timeout_s=SYNC_TIMEOUT_S,
+        )  # fmt: skip
+    if not summary_file.is_file():
+        raise RuntimeError(f"{variant.label}: sync exited with {usage.returncode} and wrote no summary\n{usage.log_tail()}")
+    summary = json.loads(summary_file.read_text())
+    files, size, newest = instance_files(directory / "downloads")
+    retrieval_s = float(summary.get("retrieval_seconds") or 0.0)
+    cpu = rss = None
+    if newest is not None and retrieval_s > 0:
+        cpu = cpu_between(usage.samples, newest - retrieval_s, newest)
+        rss = peak_rss_between(usage.samples, newest - retrieval_s, newest)
+    return ProjectResult(
+        variant=variant,
+        usage=usage,
+        summary=summary,
+        files=files,
+        bytes_on_disk=size,
+        retrieval_s=retrieval_s,
+        bytes_received=int(summary.get("bytes_received") or 0),
+        instances_received=int(summary.get("instances_received") or 0),
+        retrieval_cpu_s=cpu,
+        retrieval_peak_rss_mb=rss,
+    )

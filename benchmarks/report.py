@@ -1,0 +1,332 @@
+"""``results.md`` and ``results.png`` from a run's figures (the dict that is ``results.json``).
+
+Rendering works from the JSON alone, so a report can be redrawn without measuring again:
+``python -m benchmarks.report benchmarks/results.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from benchmarks.results import REFERENCE_KEY
+
+NOT_MEASURED = "—"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target of the issue: ``ratio`` is measured ÷ limit (met: >= 1 for a floor, <= 1 for a ceiling)."""
+
+    name: str
+    target: str
+    measured: str
+    ratio: float | None
+    met: bool | None
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None or value == "":
+        return NOT_MEASURED
+    if isinstance(value, (int, float)):
+        return f"{value:,.{digits}f}" if isinstance(value, float) else f"{value:,}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+# -- targets --------------------------------------------------------------------------------------
+
+
+def _floor(name: str, target: str, measured: str, value: float | None, limit: float) -> Target:
+    if value is None:
+        return Target(name, target, measured, None, None)
+    return Target(name, target, measured, value / limit, value >= limit)
+
+
+def _ceiling(name: str, target: str, measured: str, value: float | None, limit: float) -> Target:
+    if value is None:
+        return Target(name, target, measured, None, None)
+    return Target(name, target, measured, value / limit, value <= limit)
+
+
+def _retrieval_targets(rows: list[dict[str, Any]]) -> list[Target]:
+    reference = next((r for r in rows if r["key"] == REFERENCE_KEY and r["complete"]), None)
+    ours = [r for r in rows if r["tool"] == "dicom-assets" and r["complete"]]
+    best = max(ours, key=lambda r: r["mb_per_s"], default=None)
+    out = []
+    if best and reference and reference["mb_per_s"] > 0:
+        ratio = best["mb_per_s"] / reference["mb_per_s"]
+        measured = f"{ratio:.2f}× ({best['mb_per_s']:.0f} vs {reference['mb_per_s']:.0f} MB/s; {best['label']})"
+        out.append(_floor("Retrieval vs DCMTK movescu+storescp, TCP_NODELAY=1", "≥ 1.0×", measured, ratio, 1.0))
+    else:
+        out.append(Target("Retrieval vs DCMTK movescu+storescp, TCP_NODELAY=1", "≥ 1.0×", "not measured", None, None))
+    rss = [r["peak_rss_mb"] for r in rows if r["tool"] == "dicom-assets" and r["peak_rss_mb"]]
+    peak = max(rss) if rss else None
+    out.append(_ceiling("Peak RSS of a retrieving process (whole sync)", "≤ 300 MB", f"{_num(peak, 0)} MB", peak, 300.0))
+    return out
+
+
+def _archiving_targets(archiving: dict[str, Any]) -> list[Target]:
+    runs = {r["key"]: r for r in archiving.get("runs", [])}
+    ours, zip6 = runs.get("dicom-assets"), runs.get("zip-6")
+    if not ours or not zip6:
+        return [Target("Archiving", "≥ 20× zip -r -6, ratio ≥ 0.98×", "not measured", None, None)]
+    speed = ours["mb_per_s"] / zip6["mb_per_s"] if zip6["mb_per_s"] else None
+    ratio = ours["ratio"] / zip6["ratio"] if zip6["ratio"] else None
+    return [
+        _floor("Archiving throughput vs zip -r -6", "≥ 20×", f"{_num(speed, 1)}× ({ours['mb_per_s']:.0f} vs {zip6['mb_per_s']:.1f} MB/s)", speed, 20.0),
+        _floor("Archive compression ratio vs zip -r -6", "≥ 0.98×", f"{_num(ratio, 3)}× ({ours['ratio']:.3f} vs {zip6['ratio']:.3f})", ratio, 0.98),
+        Target("Archive readable by standard unzip (unzip -tq)", "passes", "passes" if ours.get("readable_by_unzip") else "FAILS",
+               None, bool(ours.get("readable_by_unzip"))),
+    ]  # fmt: skip
+
+
+def _discovery_targets(section: dict[str, Any]) -> list[Target]:
+    f = section.get("figures") or {}
+    if section.get("status") != "ok" or "first_requests" not in f:
+        why = section.get("reason", "").splitlines()[0] if section.get("reason") else "not run"
+        return [Target("Discovery requests (first pass; second pass)", "≤ studies + date windows; ≤ 5 %", f"not run: {why}", None, None)]
+    windows = f.get("date_windows")
+    limit = f.get("studies", 0) + (windows or 0)
+    first = f["first_requests"]
+    first_target = (
+        _ceiling("Discovery, first pass: C-FINDs", "≤ 1 per study + 1 per date window",
+                 f"{first:,} for {f.get('studies', 0):,} studies + {windows} date windows", first, limit)
+        if windows is not None
+        else Target("Discovery, first pass: C-FINDs", "≤ 1 per study + 1 per date window",
+                    f"{first:,} for {f.get('studies', 0):,} studies ({first / max(f.get('studies', 1), 1):.2f} per study; date windows not reported)", None, None)
+    )  # fmt: skip
+    share = f["second_requests"] / first if first else None
+    return [
+        first_target,
+        _ceiling("Discovery, second pass over an unchanged PACS", "≤ 5 % of the first pass's requests",
+                 f"{f['second_requests']:,} requests = {_num(share * 100 if share is not None else None, 2)} %", share, 0.05),
+    ]  # fmt: skip
+
+
+def _scale_targets(section: dict[str, Any]) -> list[Target]:
+    f = section.get("figures") or {}
+    if section.get("status") != "ok":
+        why = section.get("reason", "").splitlines()[0] if section.get("reason") else "not run"
+        return [Target("Scale (inventory, claim, sensor tick)", "≤ 60 s, ≤ 1 GB; ≤ 10 ms; ≤ 10 s", f"not run: {why}", None, None)]
+    claims = {k: v for k, v in f.items() if k.startswith("claim") and k.endswith("_median_ms")}
+    worst_claim_key = max(claims, key=claims.get) if claims else None
+    ticks = {k: v for k, v in f.items() if k.startswith("sensor") and k.endswith("_tick_s")}
+    worst_tick_key = max(ticks, key=ticks.get) if ticks else None
+    inv_s, inv_rss = f.get("inventory_s"), f.get("inventory_peak_rss_mb")
+    rows = f.get("inventory_rows")
+    return [
+        _ceiling("Inventory time", "≤ 60 s", f"{_num(inv_s, 1)} s for {_num(rows)} series", inv_s, 60.0),
+        _ceiling("Inventory peak RSS", "≤ 1 GB", f"{_num(inv_rss, 0)} MB", inv_rss, 1000.0),
+        _ceiling("Claim the next series", "≤ 10 ms",
+                 f"{_num(claims.get(worst_claim_key), 2)} ms median (worst scenario: {worst_claim_key})" if worst_claim_key else "not reported",
+                 claims.get(worst_claim_key) if worst_claim_key else None, 10.0),
+        _ceiling("Sensor tick", "≤ 10 s",
+                 f"{_num(ticks.get(worst_tick_key), 2)} s (slowest: {worst_tick_key})" if worst_tick_key else "not reported",
+                 ticks.get(worst_tick_key) if worst_tick_key else None, 10.0),
+    ]  # fmt: skip
+
+
+def targets(results: dict[str, Any]) -> list[Target]:
+    out = _retrieval_targets(results.get("retrieval", []))
+    out += _archiving_targets(results.get("archiving") or {})
+    out += _discovery_targets(results.get("discovery") or {})
+    out += _scale_targets(results.get("scale") or {})
+    minutes = results.get("duration_s", 0) / 60
+    out.append(_ceiling("make bench wall time", "≤ 15 min", f"{minutes:.1f} min" + (" (--quick)" if results.get("quick") else ""), minutes, 15.0))
+    return out
+
+
+# -- Markdown -------------------------------------------------------------------------------------
+
+
+def _met(t: Target) -> str:
+    return NOT_MEASURED if t.met is None else ("yes" if t.met else "**no**")
+
+
+def _retrieval_section(rows: list[dict[str, Any]]) -> list[str]:
+    reference = next((r for r in rows if r["key"] == REFERENCE_KEY and r["complete"]), None)
+    body = []
+    for r in rows:
+        ratio = f"{r['mb_per_s'] / reference['mb_per_s']:.2f}×" if reference and r["complete"] and reference["mb_per_s"] else NOT_MEASURED
+        if r["status"] != "ok":
+            body.append([r["label"], r["method"].upper(), r["associations"], f"**FAILED**: {r['reason'].splitlines()[0][:120] if r['reason'] else ''}", "", "", "", "", "", "", ""])
+            continue
+        got = f"{r['instances']:,}/{r['expected_instances']:,}" + ("" if r["complete"] else " **MISSING**")
+        body.append([
+            r["label"] + (" **best**" if r.get("best") else ""), r["method"].upper(), r["associations"], got,
+            _num(r["bytes"] / 1e6, 0), _num(r["seconds"], 1), f"**{r['mb_per_s']:.1f}**", _num(r["instances_per_s"], 0),
+            _num(r["cpu_s"], 1), _num(r["peak_rss_mb"], 0), ratio,
+        ])  # fmt: skip
+    lines = _table(
+        ["variant", "method", "assoc", "instances", "MB", "s", "MB/s", "inst/s", "CPU s", "peak RSS MB", "× DCMTK move (NODELAY)"], body
+    )
+    ours = [r for r in rows if r["tool"] == "dicom-assets" and r["status"] == "ok"]
+    if ours:
+        lines += ["", "The project's whole `dicom-assets sync` pass (discovery, retrieval, archive of every patient, validation, inventory):", ""]
+        lines += _table(
+            ["variant", "sync wall s", "sync CPU s", "peak RSS MB (whole sync)", "peak RSS MB (during retrieval, sampled)", "notes"],
+            ([r["label"], _num(r["sync_wall_s"], 1), _num(r["sync_cpu_s"], 1), _num(r["peak_rss_mb"], 0),
+              _num(r["retrieval_peak_rss_mb"], 0), "; ".join(r.get("notes") or []) or ""] for r in ours),
+        )  # fmt: skip
+    return lines
+
+
+def _archiving_section(archiving: dict[str, Any]) -> list[str]:
+    if archiving.get("status") == "failed":
+        return [f"**FAILED**: {archiving.get('reason', '')}"]
+    runs = archiving.get("runs", [])
+    zip6 = next((r for r in runs if r["key"] == "zip-6"), None)
+    lines = [
+        f"Patient `{archiving.get('patient_id')}`: {archiving.get('instances', 0):,} instances, "
+        f"{archiving.get('input_bytes', 0) / 1e6:.0f} MB (files in the page cache for every contender).",
+        "",
+    ]
+    lines += _table(
+        ["contender", "output MB", "s", "MB/s (input)", "ratio (in/out)", "CPU s", "× zip -6 MB/s", "× zip -6 ratio", "unzip -tq"],
+        ([r["label"], _num(r["output_bytes"] / 1e6, 1), _num(r["seconds"], 2), f"**{r['mb_per_s']:.1f}**", _num(r["ratio"], 3),
+          _num(r["cpu_s"], 1), f"{r['mb_per_s'] / zip6['mb_per_s']:.1f}×" if zip6 else NOT_MEASURED,
+          f"{r['ratio'] / zip6['ratio']:.3f}×" if zip6 else NOT_MEASURED,
+          NOT_MEASURED if r.get("readable_by_unzip") is None else ("ok" if r["readable_by_unzip"] else "**FAILS**")] for r in runs),
+    )  # fmt: skip
+    return lines
+
+
+def _section_figures(section: dict[str, Any]) -> list[str]:
+    status = section.get("status", "not run")
+    if status != "ok":
+        reason = (section.get("reason") or "").strip()
+        first = reason.splitlines()[0] if reason else ""
+        lines = [f"**{status}**{': ' + first if first else ''}"]
+        if status == "failed" and len(reason.splitlines()) > 1:
+            lines += ["", "```", *reason.splitlines()[-12:], "```"]
+        return lines
+    figures = section.get("figures") or {}
+    return _table(["figure", "value"], ([k, _num(v, 3) if isinstance(v, float) else _num(v)] for k, v in figures.items()))
+
+
+def targets_table(results: dict[str, Any]) -> str:
+    """The Targets table (Markdown), also what the run prints at the end."""
+    rows = ([t.name, t.target, t.measured, NOT_MEASURED if t.ratio is None else f"{t.ratio:.2f}", _met(t)] for t in targets(results))
+    return "\n".join(_table(["target", "limit", "measured", "measured ÷ limit", "met"], rows))
+
+
+def render_markdown(results: dict[str, Any]) -> str:
+    m, v, c = results.get("machine", {}), results.get("versions", {}), results.get("cohort", {})
+    load = results.get("load_average", {})
+    lines = [
+        "# dicom_assets benchmark" + (" (--quick smoke run: tiny cohort, not representative)" if results.get("quick") else ""),
+        "",
+        f"{results.get('date', '')}, `make bench` (`python -m benchmarks.run`) in {results.get('duration_s', 0) / 60:.1f} min.",
+        "",
+        f"* **Machine**: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, {m.get('kernel')}, {m.get('os')}; "
+        f"load average (1/5/15 min) at start {load.get('start')}, at end {load.get('end')} (other work on the machine skews figures).",
+        "* **Versions**: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
+        f"* **Cohort** (retrieval): {c.get('retrieval')}; loaded into Orthanc over REST in {_num(c.get('orthanc_load_s'), 1)} s "
+        f"({_num(c.get('orthanc_load_mb_per_s'), 0)} MB/s). **Archiving patient**: {c.get('archive_patient')}."
+        + (" Generated in this run." if c.get("generated_now") else " Reused from the cache (bench-work/)."),
+        "* **PACS**: Orthanc on 127.0.0.1 (SynchronousCMove, TcpNoDelay on, no storage compression).",
+        "",
+        "## Targets",
+        "",
+        targets_table(results),
+        "",
+        "## 1. Retrieval",
+        "",
+        *_retrieval_section(results.get("retrieval", [])),
+        "",
+        "How: every variant retrieves every series of the cohort into an empty directory, and its count of files is checked "
+        "against the cohort. `dicom-assets sync` runs with a fresh PostgreSQL state DB and Dagster home, without `TCP_NODELAY` in "
+        "its environment; its MB/s, instances and seconds are what the `downloaded_series` asset recorded "
+        "(`--json-summary`), its CPU s is the sync process's CPU between the start and end of retrieval (sampled every 0.05 s), "
+        "its peak RSS is the whole sync process's (VmHWM). DCMTK: `storescp +B` (one process) with one `movescu` association sending "
+        "one series-level C-MOVE per series, and one `getscu +B` per series (DCMTK 3.6.7's getscu crashes after several queries in one "
+        "association); seconds are wall time of the SCU side, CPU and RSS cover both processes; \"Nagle on\" means no `TCP_NODELAY` "
+        "in DCMTK's environment (its default).",
+        "",
+        "## 2. Archiving",
+        "",
+        *_archiving_section(results.get("archiving") or {}),
+        "",
+        "`dicom-assets patient_archive` is `build_patient_archive` (parallel deflate, fsync, read-back of every member's CRC, "
+        "state DB record), timed whole; `zip` only writes.",
+        "",
+        "## 3. Discovery",
+        "",
+        *_section_figures(results.get("discovery") or {}),
+        "",
+        "## 4. Scale",
+        "",
+        *_section_figures(results.get("scale") or {}),
+        "",
+    ]
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["## Failures", "", *(f"* {f}" for f in failures), ""]
+    if results.get("chart"):
+        lines += [f"![retrieval and archiving throughput]({results['chart']})", ""]
+    return "\n".join(lines)
+
+
+# -- chart ----------------------------------------------------------------------------------------
+
+
+def draw_chart(results: dict[str, Any], path: Path) -> str | None:
+    """Retrieval MB/s per variant and archiving MB/s per contender; None (and why) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]')"
+    rows = [r for r in results.get("retrieval", []) if r["status"] == "ok"]
+    runs = (results.get("archiving") or {}).get("runs", [])
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2.2 + 0.38 * (len(rows) + len(runs))),
+                                      gridspec_kw={"height_ratios": [max(len(rows), 1), max(len(runs), 1)]})  # fmt: skip
+    colors = {"dicom-assets": "#1f77b4", "dcmtk": "#999999"}
+    top.barh([r["label"] for r in rows], [r["mb_per_s"] for r in rows], color=[colors.get(r["tool"], "#999999") for r in rows])
+    for i, r in enumerate(rows):
+        top.text(r["mb_per_s"], i, f" {r['mb_per_s']:.0f}", va="center", fontsize=8)
+    top.invert_yaxis()
+    top.set_xlabel("retrieval MB/s (higher is better)")
+    top.set_title(f"Retrieval from Orthanc on loopback — {results.get('date', '')}", fontsize=10)
+    bottom.barh([r["label"] for r in runs], [r["mb_per_s"] for r in runs], color=["#1f77b4" if "dicom-assets" in r["label"] else "#999999" for r in runs])
+    for i, r in enumerate(runs):
+        bottom.text(r["mb_per_s"], i, f" {r['mb_per_s']:.0f} (ratio {r['ratio']:.3f})", va="center", fontsize=8)
+    bottom.invert_yaxis()
+    bottom.set_xlabel("archiving MB/s of input (higher is better)")
+    for ax in (top, bottom):
+        ax.tick_params(axis="y", labelsize=8)
+        ax.margins(x=0.18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_report(results: dict[str, Any], out_md: Path) -> tuple[Path, Path, Path | None]:
+    """Write results.md, results.json and (with matplotlib) results.png next to each other."""
+    out_md.parent.mkdir(parents=True, exist_ok=True)
+    png = out_md.with_suffix(".png")
+    why_not = draw_chart(results, png)
+    results["chart"] = None if why_not else png.name
+    if why_not:
+        results.setdefault("notes", []).append(f"chart not drawn: {why_not}")
+    json_path = out_md.with_suffix(".json")
+    json_path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    out_md.write_text(render_markdown(results))
+    return out_md, json_path, None if why_not else png
+
+
+if __name__ == "__main__":
+    source = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results.json")
+    write_report(json.loads(source.read_text()), source.with_suffix(".md"))

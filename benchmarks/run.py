@@ -1,0 +1,277 @@
+"""``make bench``: measure the project against DCMTK and Info-ZIP on the same data, in one run.
+
+    python -m benchmarks.run [--quick] [--out benchmarks/results.md] [--work-dir bench-work]
+    .venv/bin/python benchmarks/run.py ...   (same)
+
+Steps (progress lines on stdout as it goes):
+
+a. the cohort: 8 patients x 2 series x 130 slices of 512x512 16-bit CT (1.09 GB) for retrieval,
+   plus one 352 MB patient for archiving, generated once into ``<work-dir>/cohort-<spec digest>``;
+b. a throwaway Orthanc on free loopback ports that knows the project's and DCMTK's AE titles,
+   loaded with the cohort over REST (timed);
+c. retrieval variants, each into an empty directory, checked file by file count: DCMTK
+   ``movescu``+``storescp`` and ``getscu`` with ``TCP_NODELAY=1`` (the reference), the project's
+   ``dicom-assets sync`` with C-MOVE and C-GET at the default and at other association counts
+   (fresh PostgreSQL state DB each), then DCMTK again with Nagle on (its default);
+d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
+e. discovery and scale, each in a child process (``benchmarks/external.py``);
+f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
+
+``--quick`` is a smoke run (a 3 MB cohort, default association counts only, no discovery or
+scale): it proves the harness works, its figures mean nothing. A variant that fails or misses
+an instance is reported as such in the table and makes the exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+if __package__ in (None, ""):  # run as a file: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import dcmtk, external, machine, report  # noqa: E402
+from benchmarks.archiving import run_archiving  # noqa: E402
+from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
+from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E402
+from benchmarks.project import ProjectVariant, run_project_variant  # noqa: E402
+from benchmarks.results import REFERENCE_KEY, RetrievalRow, archiving_dict, dcmtk_row, project_row  # noqa: E402
+from dicom_assets.config import PacsSettings  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+SECTIONS = ("retrieval", "archiving", "discovery", "scale")
+#: Association counts tried besides the default, to find the project's best setting.
+OTHER_ASSOCIATIONS = (3, 4)
+
+
+class Progress:
+    """``[  12.3 s] message`` lines on stdout, flushed at once (make shows them as they come)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.started:7.1f} s] {message}", flush=True)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny cohort, default settings only, no discovery/scale (smoke run)")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results.md", help="the Markdown report (JSON and PNG go next to it)")
+    parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench-work", help="cohort cache and the run's scratch files (default: bench-work/)")
+    parser.add_argument("--pg-admin-url", default=os.environ.get("DATABASE_URL") or DEFAULT_PG,
+                        help="PostgreSQL server URL allowed to create databases (default: $DATABASE_URL or 127.0.0.1:5432)")  # fmt: skip
+    parser.add_argument("--skip", action="append", choices=SECTIONS, default=[], help="leave a section out (repeatable)")
+    return parser.parse_args(argv)
+
+
+# -- retrieval ------------------------------------------------------------------------------------
+
+
+def project_variants(quick: bool) -> list[ProjectVariant]:
+    """C-MOVE and C-GET at the config's default association count, and (full run) at others."""
+    default = int(PacsSettings.model_fields["max_concurrent_associations"].default)
+    counts = [default] if quick else [default, *(n for n in OTHER_ASSOCIATIONS if n != default)]
+    return [ProjectVariant(method, n, n == default) for method in ("c-move", "c-get") for n in counts]
+
+
+def _attempt(row: RetrievalRow, measure: Callable[[], RetrievalRow], failures: list[str], log: Callable[[str], None]) -> RetrievalRow:
+    """Run one variant; a failure or a missing instance is recorded on the row and said loudly."""
+    try:
+        row = measure()
+    except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others
+        row.status, row.reason = "failed", f"{type(exc).__name__}: {exc}"[:4000]
+        traceback.print_exc()
+    if row.status != "ok":
+        failures.append(f"retrieval {row.label}: {row.reason.splitlines()[0] if row.reason else 'failed'}")
+        log(f"FAILED {row.label}: {row.reason}")
+    elif not row.complete:
+        failures.append(f"retrieval {row.label}: {row.instances} of {row.expected_instances} instances on disk")
+        log(f"FAILED {row.label}: only {row.instances} of {row.expected_instances} instances on disk")
+    else:
+        log(
+            f"{row.label}: {row.mb_per_s:.1f} MB/s, {row.instances_per_s:.0f} inst/s, {row.seconds:.1f} s, "
+            f"CPU {row.cpu_s or 0:.1f} s, peak RSS {row.peak_rss_mb or 0:.0f} MB"
+        )
+    return row
+
+
+def _dcmtk_variant(site: Site, cohort: Cohort, base: Path, method: str, nodelay: bool, failures: list[str], log: Callable[[str], None]) -> RetrievalRow:
+    how = "TCP_NODELAY=1" if nodelay else "Nagle on (no TCP_NODELAY)"
+    if method == "c-move":
+        key, label, assoc = f"dcmtk-move-{'nodelay' if nodelay else 'nagle'}", f"DCMTK movescu + storescp +B, {how}", "1"
+        retrieve = dcmtk.move_with_storescp
+    else:
+        key, label, assoc = f"dcmtk-get-{'nodelay' if nodelay else 'nagle'}", f"DCMTK getscu +B (one per series), {how}", "1 per series"
+        retrieve = dcmtk.get_with_getscu
+    directory = base / key
+    row = RetrievalRow(key, label, "dcmtk", method, assoc, cohort.instances)
+
+    def measure() -> RetrievalRow:
+        try:
+            result = retrieve(site, cohort.series, directory / "received", directory / "logs", nodelay)
+        finally:
+            shutil.rmtree(directory / "received", ignore_errors=True)
+        return dcmtk_row(key, label, method, assoc, cohort.instances, result)
+
+    return _attempt(row, measure, failures, log)
+
+
+def _project_variant(site: Site, cohort: Cohort, base: Path, variant: ProjectVariant, pg: str, failures: list[str], log: Callable[[str], None]) -> RetrievalRow:
+    key = f"project-{variant.method}-{variant.associations}"
+    directory = base / key
+    row = RetrievalRow(key, variant.label, "dicom-assets", variant.method, str(variant.associations), cohort.instances)
+
+    def measure() -> RetrievalRow:
+        try:
+            result = run_project_variant(site, variant, directory, pg, "^" + cohort.spec.patient_id_prefix)
+        finally:
+            for bulky in ("downloads", "archives"):
+                shutil.rmtree(directory / bulky, ignore_errors=True)
+        return project_row(key, variant, cohort.instances, result)
+
+    return _attempt(row, measure, failures, log)
+
+
+def run_retrieval(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, failures: list[str], log: Callable[[str], None]) -> list[RetrievalRow]:
+    rows = [_dcmtk_variant(site, cohort, base, m, True, failures, log) for m in ("c-move", "c-get")]
+    rows += [_project_variant(site, cohort, base, v, pg, failures, log) for v in project_variants(quick)]
+    rows += [_dcmtk_variant(site, cohort, base, m, False, failures, log) for m in ("c-move", "c-get")]
+    for method in ("c-move", "c-get"):
+        ours = [r for r in rows if r.tool == "dicom-assets" and r.method == method and r.complete]
+        if ours:
+            max(ours, key=lambda r: r.mb_per_s).best = True
+    assert rows[0].key == REFERENCE_KEY
+    return rows
+
+
+# -- the run --------------------------------------------------------------------------------------
+
+
+def _not_run(reason: str) -> dict[str, Any]:
+    return {"status": "not run", "figures": {}, "reason": reason}
+
+
+def _prepare_cohorts(work_dir: Path, quick: bool, log: Callable[[str], None]) -> BenchCohorts:
+    log(f"cohort: generating or reusing under {work_dir}")
+    cohorts = bench_cohorts(work_dir, quick)
+    for name, c in (("retrieval", cohorts.retrieval), ("archiving", cohorts.archive_patient)):
+        log(f"cohort ({name}): {c.describe()} ({'generated now' if c.generated_now else 'cached'})")
+    return cohorts
+
+
+def _load_site(run_dir: Path, cohort: Cohort, results: dict[str, Any], log: Callable[[str], None]) -> Site:
+    site = start_site(run_dir / "orthanc")
+    log(f"Orthanc on 127.0.0.1:{site.dicom_port} (HTTP {site.orthanc.http_port}); loading {cohort.instances} instances over REST")
+    started = time.monotonic()
+    loaded = load_directory(site, cohort.dicom_dir)
+    seconds = time.monotonic() - started
+    if loaded != cohort.instances or site.orthanc.instance_count() != cohort.instances:
+        raise RuntimeError(f"Orthanc holds {site.orthanc.instance_count()} instances, the cohort has {cohort.instances}")
+    results["cohort"].update(orthanc_load_s=round(seconds, 2), orthanc_load_mb_per_s=round(cohort.bytes / 1e6 / seconds, 1))
+    log(f"loaded in {seconds:.1f} s ({cohort.bytes / 1e6 / seconds:.0f} MB/s)")
+    return site
+
+
+def _stop_site(site: Site) -> None:
+    site.orthanc.stop()
+    for bulky in ("storage", "index"):  # 1 GB of Orthanc storage; its log stays
+        shutil.rmtree(site.orthanc.root / bulky, ignore_errors=True)
+
+
+def _archiving(cohort: Cohort, run_dir: Path, pg: str, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    log(f"archiving: {cohort.describe()}")
+    try:
+        result = archiving_dict(run_archiving(cohort, run_dir / "archiving", pg))
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        failures.append(f"archiving: {type(exc).__name__}: {exc}")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    finally:
+        for bulky in ("downloads", "archives"):
+            shutil.rmtree(run_dir / "archiving" / bulky, ignore_errors=True)
+        for leftover in (run_dir / "archiving").glob("*.zip"):
+            leftover.unlink()
+    for r in result["runs"]:
+        log(f"{r['label']}: {r['mb_per_s']:.1f} MB/s, ratio {r['ratio']:.3f}, {r['seconds']:.1f} s, CPU {r['cpu_s']:.1f} s")
+        if r.get("readable_by_unzip") is False:
+            failures.append(f"archiving: unzip -tq rejects {r['label']}'s zip")
+    return {"status": "ok", **result}
+
+
+def _external(section: str, run_dir: Path, pg: str, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    log(f"{section}: running benchmarks/{section}.py in a child process")
+    result = external.run_section(section, run_dir, pg)
+    if result.status == "failed":
+        failures.append(f"{section}: {result.reason.strip().splitlines()[-1] if result.reason.strip() else 'failed'}")
+    log(f"{section}: {result.status} in {result.seconds:.0f} s" + (f" ({result.reason.strip().splitlines()[0]})" if result.reason.strip() else ""))
+    return result.as_dict()
+
+
+def run(args: argparse.Namespace) -> int:
+    log = Progress()
+    work_dir = args.work_dir.resolve()
+    run_dir = work_dir / "last-run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    pg = args.pg_admin_url
+    failures: list[str] = []
+    results: dict[str, Any] = {
+        "date": machine.now_utc(),
+        "quick": args.quick,
+        "machine": machine.machine(),
+        "versions": machine.versions(pg),
+        "load_average": {"start": machine.load_average()},
+        "failures": failures,
+    }
+    log(f"machine: {results['machine']}; load average {results['load_average']['start']}")
+    cohorts = _prepare_cohorts(work_dir, args.quick, log)
+    results["cohort"] = {
+        "retrieval": cohorts.retrieval.describe(),
+        "archive_patient": cohorts.archive_patient.describe(),
+        "generated_now": cohorts.retrieval.generated_now or cohorts.archive_patient.generated_now,
+    }
+    results["retrieval"] = []
+    if "retrieval" not in args.skip:
+        site = _load_site(run_dir, cohorts.retrieval, results, log)
+        try:
+            rows = run_retrieval(site, cohorts.retrieval, run_dir / "retrieval", pg, args.quick, failures, log)
+        finally:
+            _stop_site(site)
+        results["retrieval"] = [r.as_dict() for r in rows]
+    results["archiving"] = _not_run("--skip") if "archiving" in args.skip else _archiving(cohorts.archive_patient, run_dir, pg, failures, log)
+    for section in ("discovery", "scale"):
+        if section in args.skip:
+            results[section] = _not_run("--skip")
+        elif args.quick:
+            results[section] = _not_run("--quick (full size only: a 2,000-patient PACS / a 1,000,000-series state DB)")
+        else:
+            results[section] = _external(section, run_dir, pg, failures, log)
+    results["load_average"]["end"] = machine.load_average()
+    results["duration_s"] = round(log.elapsed, 1)
+    md, js, png = report.write_report(results, args.out)
+    log(f"wrote {md}, {js}" + (f", {png}" if png else f" (no chart: {results.get('notes')})"))
+    print(report.targets_table(results), flush=True)
+    if failures:
+        print("\nBENCHMARK FAILURES:\n" + "\n".join(f"  * {f}" for f in failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""``make bench``'s harness in ``--quick`` mode: a 3 MB cohort through every retrieval variant.
+
+Real Orthanc, real DCMTK, real ``dicom-assets sync`` against a real PostgreSQL, real ``zip``:
+the point is that the harness runs end to end and checks what it measures (every variant got
+every instance, the archive passes ``unzip -t``), not the figures, which a smoke run makes
+meaningless. No timing assertions.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dicom_assets_tests.conftest import require_service
+from dicom_assets_tests.orthanc import require_orthanc
+
+pytestmark = pytest.mark.timeout(240)
+
+SECTIONS = ("## Targets", "## 1. Retrieval", "## 2. Archiving", "## 3. Discovery", "## 4. Scale")
+QUICK_VARIANTS = {
+    "dcmtk-move-nodelay", "dcmtk-get-nodelay", "dcmtk-move-nagle", "dcmtk-get-nagle",
+    "project-c-move-2", "project-c-get-2",
+}  # fmt: skip
+
+
+@pytest.fixture
+def tools() -> None:
+    require_orthanc()
+    for tool in ("storescp", "movescu", "getscu", "echoscu"):
+        require_service(shutil.which(tool) is not None, f"DCMTK {tool} (apt-get install dcmtk)")
+    for tool in ("zip", "unzip"):
+        require_service(shutil.which(tool) is not None, f"Info-ZIP {tool} (apt-get install zip unzip)")
+
+
+def test_quick_benchmark_writes_every_section_and_every_variant_gets_every_instance(
+    tmp_path: Path, pg_server_url: str, tools: None
+) -> None:
+    from benchmarks.run import main
+
+    out = tmp_path / "out" / "results.md"
+    status = main(["--quick", "--work-dir", str(tmp_path / "work"), "--out", str(out), "--pg-admin-url", pg_server_url])
+
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert status == 0, results["failures"]
+    markdown = out.read_text()
+    for heading in SECTIONS:
+        assert heading in markdown, heading
+    rows = {row["key"]: row for row in results["retrieval"]}
+    assert set(rows) == QUICK_VARIANTS
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row["reason"])
+        assert row["instances"] == row["expected_instances"] == 24, key
+        assert row["bytes"] > 24 * 256 * 256 * 2, key  # every pixel arrived, headers on top
+        assert row["complete"], key
+        assert f"| {row['label']}" in markdown
+    archive_runs = {run["key"]: run for run in results["archiving"]["runs"]}
+    assert set(archive_runs) == {"dicom-assets", "zip-6", "zip-1"}
+    assert archive_runs["dicom-assets"]["readable_by_unzip"] is True
+    assert all(run["output_bytes"] > 0 and run["ratio"] > 1.0 for run in archive_runs.values())
+    assert results["discovery"]["status"] == results["scale"]["status"] == "not run"
+    if results.get("chart"):  # matplotlib is a `bench` extra, absent under plain `make test`
+        assert out.with_suffix(".png").stat().st_size > 0
