@@ -71,7 +71,7 @@ def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str 
     store = StateStore(database_url)
     store.create_schema()
     try:
-        with DevPacs(cohort.dicom_dir) as pacs:
+        with DevPacs(cohort.dicom_dir, rescan_interval_s=3600) as pacs:  # the cohort does not change meanwhile
             settings = settings_from_dict({
                 "pacs": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": pacs.ae_title, "timeout_s": 60},
                 "paths": {"download_dir": str(work_dir / "unused"), "archive_dir": str(work_dir / "unused"),

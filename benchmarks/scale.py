@@ -440,6 +440,8 @@ def run_scale_benchmark(pg_admin_url: str | None = None) -> dict[str, float]:
             figures.update(_fill(url))
             csv = workdir / "inventory.csv"
             inv = _in_child("inventory", url, csv)
+            if inv["rows"] != SERIES:
+                raise AssertionError(f"the inventory has {inv['rows']} rows, the state DB {SERIES} series")
             figures.update({
                 "inventory_s": round(inv["seconds"], 2),
                 "inventory_peak_rss_mb": round(inv["peak_rss_mb"], 1),

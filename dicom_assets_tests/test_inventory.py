@@ -177,3 +177,10 @@ def test_inventory_problems_finds_series_listed_but_not_in_the_state_db(seeded: 
     out.write_text("".join(lines) + lines[1].replace("1.2.1", "9.9.9"))
     assert inventory_problems(seeded, out) == (
         6, ["1 series in the inventory are not in the state DB (first: 9.9.9)"])
+
+
+def test_iter_series_uids_pages_through_every_series(seeded: StateStore) -> None:
+    pages = list(seeded.iter_series_uids(chunk_rows=2))
+    assert [len(p) for p in pages] == [2, 2, 1]
+    assert sorted(u for p in pages for u in p) == sorted(seeded.all_series_uids())
+    assert [len(p) for p in seeded.iter_series_uids(chunk_rows=5)] == [5]
