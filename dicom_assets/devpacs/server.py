@@ -339,6 +339,12 @@ class _Catalog:
         self.groups: tuple[tuple[_Group, ...], ...] = tuple(
             tuple(_Group(level, key, tuple(members)) for key, members in grouped[level].items()) for level in range(4)
         )
+        #: Per level, the groups under each StudyInstanceUID (catalog order): a query naming one
+        #: study looks at its groups only, not at every group of the level (one series query per
+        #: study over thousands of studies would otherwise scan them all every time).
+        self.groups_of_study: tuple[dict[str, tuple[_Group, ...]], ...] = tuple(
+            _by_study(self.groups[level]) if level >= STUDY else {} for level in range(4)
+        )
 
     def computed(self, tag: int, group: _Group) -> tuple[str, Any] | None:
         """``(VR, value)`` of a computed attribute (``NumberOfStudyRelatedSeries``...) for ``group``.
@@ -364,6 +370,13 @@ _COMPUTED: dict[int, tuple[int, str, Callable[[_Catalog, tuple[str, ...]], Any]]
 }
 
 
+def _by_study(groups: Sequence[_Group]) -> dict[str, tuple[_Group, ...]]:
+    out: dict[str, list[_Group]] = {}
+    for group in groups:
+        out.setdefault(group.ids[STUDY], []).append(group)
+    return {uid: tuple(members) for uid, members in out.items()}
+
+
 def _as_texts(value: Any) -> tuple[str, ...]:
     if value is None or value == "":
         return ()
@@ -382,6 +395,7 @@ class _Filter:
 
     tag: int
     accepts: Callable[[Sequence[str]], bool]
+    uids: frozenset[str] | None = None  # the values of a UID (list) match, for index lookups
 
 
 def _query_text(elem: DataElement) -> str:
@@ -457,12 +471,16 @@ class _Query:
             attr_level = _COMPUTED[tag][0] if tag in _COMPUTED else _ATTR_LEVEL.get(tag, IMAGE)
             test = _compile(vr, text) if attr_level <= level and vr != "SQ" else None
             if test is not None:
-                filters.append(_Filter(tag, test))
+                filters.append(_Filter(tag, test, frozenset(text.split("\\")) if vr == "UI" else None))
         return cls(level, tuple((tag, vr) for tag, vr, _ in keys), tuple(filters))
 
     def matches(self, catalog: _Catalog) -> list[_Group]:
         """The groups at this query's level that pass every filter, in catalog order."""
-        return [g for g in catalog.groups[self.level] if all(f.accepts(_values_for(catalog, f.tag, g)) for f in self.filters)]
+        candidates: Sequence[_Group] = catalog.groups[self.level]
+        study = next((f.uids for f in self.filters if f.tag == UNIQUE_KEYS[STUDY] and f.uids is not None), None)
+        if self.level >= STUDY and study is not None and len(study) == 1:
+            candidates = catalog.groups_of_study[self.level].get(next(iter(study)), ())
+        return [g for g in candidates if all(f.accepts(_values_for(catalog, f.tag, g)) for f in self.filters)]
 
     def instances(self, catalog: _Catalog) -> list[_Instance]:
         """Every instance under a matching group: what a C-MOVE/C-GET sends."""
