@@ -4,14 +4,20 @@
 imports whichever exists, calls its entry point and writes the figures as JSON, so a crash or
 a missing module there costs one section ("not run" with the reason), never the whole run.
 
-    python -m benchmarks.external discovery|scale OUT.json [--pg-admin-url URL]
+    python -m benchmarks.external discovery|scale OUT.json [--pg-admin-url URL] [--work-dir DIR] [--quick]
+
+Discovery gets the work directory (its 2,000-patient cohort is cached there, next to ours) and
+a fresh PostgreSQL state DB; ``--quick`` runs it with 20 patients. Scale has no small size, so
+the harness does not run it with ``--quick``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
+import re
 import sys
 import traceback
 from dataclasses import dataclass
@@ -20,12 +26,15 @@ from typing import Any, Callable
 
 from benchmarks.measure import environment, run_child
 
+DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
+
 #: Section -> (module, entry points tried in order). The first that exists is called.
 ENTRY_POINTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "discovery": ("benchmarks.discovery", ("run_discovery_benchmark", "discovery_benchmark", "run_benchmark")),
+    "discovery": ("benchmarks.discovery", ("benchmark_discovery", "run_discovery_benchmark")),
     "scale": ("benchmarks.scale", ("run_scale_benchmark",)),
 }
 TIMEOUT_S = {"discovery": 600.0, "scale": 900.0}
+QUICK_DISCOVERY_PATIENTS = 20
 
 
 @dataclass(frozen=True)
@@ -38,8 +47,18 @@ class SectionResult:
     reason: str = ""
     seconds: float = 0.0
 
+    @property
+    def summary(self) -> str:
+        """One line: the exception line of a traceback (not SQLAlchemy's trailing link), else the first line."""
+        lines = [line.strip() for line in self.reason.strip().splitlines() if line.strip()]
+        errors = [line for line in lines if _EXCEPTION_LINE.match(line)]
+        return (errors[-1] if errors else lines[0] if lines else "")[:300]
+
     def as_dict(self) -> dict[str, Any]:
-        return {"status": self.status, "figures": self.figures, "reason": self.reason, "seconds": round(self.seconds, 1)}
+        return {"status": self.status, "summary": self.summary, "figures": self.figures, "reason": self.reason, "seconds": round(self.seconds, 1)}
+
+
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Failed|Interrupt|Exit)\b.*")
 
 
 def _entry_point(section: str) -> Callable[..., dict[str, Any]]:
@@ -53,11 +72,17 @@ def _entry_point(section: str) -> Callable[..., dict[str, Any]]:
     raise LookupError(f"{module_name} has none of {', '.join(names)}")
 
 
-def _call(section: str, pg_admin_url: str | None) -> dict[str, Any]:
+def _call(section: str, pg_admin_url: str | None, work_dir: Path, quick: bool) -> dict[str, Any]:
+    """Call the entry point with the arguments its signature takes (the modules are still moving)."""
+    from benchmarks.project import scratch_database
+
     fn = _entry_point(section)
+    accepted = inspect.signature(fn).parameters
     if section == "scale":
-        return dict(fn(pg_admin_url=pg_admin_url))
-    return dict(fn())
+        return dict(fn(**({"pg_admin_url": pg_admin_url} if "pg_admin_url" in accepted else {})))
+    with scratch_database(pg_admin_url or DEFAULT_PG) as database_url:
+        offered = {"work_dir": work_dir, "database_url": database_url, "patients": QUICK_DISCOVERY_PATIENTS if quick else None}
+        return dict(fn(**{k: v for k, v in offered.items() if k in accepted and v is not None}))
 
 
 def child_main(argv: list[str] | None = None) -> int:
@@ -65,9 +90,11 @@ def child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("section", choices=sorted(ENTRY_POINTS))
     parser.add_argument("out", type=Path)
     parser.add_argument("--pg-admin-url")
+    parser.add_argument("--work-dir", type=Path, default=Path("bench-work"))
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     try:
-        figures = _call(args.section, args.pg_admin_url)
+        figures = _call(args.section, args.pg_admin_url, args.work_dir, args.quick)
         result = {"status": "ok", "figures": figures}
     except ModuleNotFoundError as exc:
         if exc.name != ENTRY_POINTS[args.section][0]:
@@ -81,15 +108,20 @@ def child_main(argv: list[str] | None = None) -> int:
     return 0 if result["status"] != "failed" else 1
 
 
-def run_section(section: str, work_dir: Path, pg_admin_url: str | None) -> SectionResult:
-    """Run one section in a child interpreter (repo root as cwd) and read its JSON back."""
-    out = work_dir / f"{section}.json"
+def run_section(section: str, run_dir: Path, work_dir: Path, pg_admin_url: str | None, quick: bool = False) -> SectionResult:
+    """Run one section in a child interpreter (repo root as cwd) and read its JSON back.
+
+    ``run_dir`` gets its result and log, ``work_dir`` is the benchmark's cache (cohorts).
+    """
+    out = run_dir / f"{section}.json"
     out.unlink(missing_ok=True)
     repo_root = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-m", "benchmarks.external", section, str(out)]
+    argv = [sys.executable, "-m", "benchmarks.external", section, str(out), "--work-dir", str(work_dir)]
     if pg_admin_url:
         argv += ["--pg-admin-url", pg_admin_url]
-    usage = run_child(argv, work_dir / f"{section}.log", environment(), cwd=repo_root, timeout_s=TIMEOUT_S[section])
+    if quick:
+        argv.append("--quick")
+    usage = run_child(argv, run_dir / f"{section}.log", environment(), cwd=repo_root, timeout_s=TIMEOUT_S[section])
     if not out.is_file():
         return SectionResult(section, "failed", {}, f"exit status {usage.returncode}, no result\n{usage.log_tail(15)}", usage.wall_s)
     data = json.loads(out.read_text())

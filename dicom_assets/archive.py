@@ -3,7 +3,8 @@
 A patient's archive is built only when every series of the patient is ``complete``. Members are
 ``<patient key>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, read from the
 download directory. The zip is written file by file to a hidden temp name, verified (every
-member read back, so zipfile checks its CRC; members == the instances on disk), hashed, fsynced
+member inflated back from its local header and its size and CRC-32 compared with the central
+directory; members == the instances on disk), hashed, fsynced
 and only then renamed over the final name, so a reader never sees a partial archive and a
 failed build leaves the previous archive in place. Superseded archives of the patient are then
 deleted unless asked to keep them.
@@ -14,8 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import struct
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +30,11 @@ from dicom_assets.store.state import StateStore
 from dicom_assets.zipwriter import write_zip
 
 _READ_CHUNK = 4 << 20
+
+try:
+    from isal import isal_zlib as _zlib
+except ImportError:  # pragma: no cover - the project depends on isal
+    _zlib = zlib  # type: ignore[misc]
 _THREADS = max(1, min(4, os.cpu_count() or 1))
 _MAX_LISTED = 10
 _MAX_NAME_BYTES = 255
@@ -143,10 +151,11 @@ def verify_archive(path: Path, expected: dict[str, int]) -> None:
                         f"{path.name}: {info.filename} is {info.file_size} bytes in the zip, "
                         f"{expected[info.filename]} on disk"
                     )
-        # Read every member back with Python's own zip reader (which checks each CRC), in
-        # parallel: inflate releases the GIL, and this is half of an archive's time.
+        # Read every member back: zipfile's directory says where each member starts, its size
+        # and CRC; the data is inflated with ISA-L (3x zlib's speed; the read-back was half of
+        # an archive's time), in parallel since inflate releases the GIL.
         with ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="verify") as pool:
-            for future in [pool.submit(_read_members, path, names[i::_THREADS]) for i in range(_THREADS)]:
+            for future in [pool.submit(_check_members, path, infos[i::_THREADS]) for i in range(_THREADS)]:
                 future.result()
     except ArchiveVerificationError:
         raise
@@ -154,12 +163,36 @@ def verify_archive(path: Path, expected: dict[str, int]) -> None:
         raise ArchiveVerificationError(f"{path.name}: {type(exc).__name__}: {exc}") from exc
 
 
-def _read_members(path: Path, names: Sequence[str]) -> None:
-    with zipfile.ZipFile(path) as zf:
-        for name in names:
-            with zf.open(name) as member:  # zipfile checks the CRC when the member is read to its end
-                while member.read(_READ_CHUNK):
-                    pass
+_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
+
+
+def _check_members(path: Path, infos: Sequence[zipfile.ZipInfo]) -> None:
+    """Inflate each member from its local header on and compare its size and CRC-32."""
+    with open(path, "rb", buffering=0) as f:
+        for info in infos:
+            f.seek(info.header_offset)
+            signature, name_length, extra_length = _LOCAL_HEADER.unpack(f.read(_LOCAL_HEADER.size))
+            if signature != b"PK\x03\x04" or f.read(name_length).decode("utf-8", "replace") != info.filename:
+                raise ArchiveVerificationError(f"{path.name}: bad local header for {info.filename}")
+            f.seek(extra_length, os.SEEK_CUR)
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ArchiveVerificationError(f"{path.name}: {info.filename} uses compression {info.compress_type}")
+            inflater = _zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
+            crc, size, left = 0, 0, info.compress_size
+            while left:
+                chunk = f.read(min(left, _READ_CHUNK))
+                if not chunk:
+                    raise ArchiveVerificationError(f"{path.name}: {info.filename} is truncated")
+                left -= len(chunk)
+                data = inflater.decompress(chunk) if inflater else chunk
+                crc, size = _zlib.crc32(data, crc), size + len(data)
+            if inflater is not None:
+                tail = inflater.flush()
+                crc, size = _zlib.crc32(tail, crc), size + len(tail)
+                if not inflater.eof:
+                    raise ArchiveVerificationError(f"{path.name}: {info.filename}: deflate stream does not end")
+            if size != info.file_size or crc != info.CRC:
+                raise ArchiveVerificationError(f"{path.name}: {info.filename} reads back wrong (CRC or size)")
 
 
 def _fsync_dir(directory: Path) -> None:

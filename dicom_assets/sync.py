@@ -6,6 +6,7 @@ runs of the code location's jobs on the instance at ``DAGSTER_HOME``, so they sh
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import threading
 import time
@@ -16,6 +17,7 @@ from typing import Callable, TextIO
 import dagster as dg
 
 from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_settings
+from dicom_assets.layout import pid_alive
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
 from dicom_assets.defs.retrieval.schedules import patient_range_requests
 from dicom_assets.store import StateStore
@@ -98,9 +100,41 @@ def dagster_instance() -> dg.DagsterInstance:
 CONSOLE_LOG_LEVEL = os.environ.get("DICOM_ASSETS_CONSOLE_LOG_LEVEL", "WARNING")
 
 
+#: Tags on every run a sync executes in its own process: which host and process run it.
+SYNC_HOST_TAG = "dicom_assets/sync_host"
+SYNC_PID_TAG = "dicom_assets/sync_pid"
+
+
+def fail_dead_sync_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Mark failed the runs of syncs on this host whose process is gone; returns their ids.
+
+    A sync runs its jobs inside its own process. Killed (``kill -9``, power loss), nothing
+    ever reports its run as ended: the daemon's run monitoring cannot see a process it did not
+    launch, so the run would stay STARTED and hold its ``pacs`` pool slot until the
+    ``max_runtime_seconds`` backstop. The next sync on the same host knows better.
+    """
+    host = socket.gethostname()
+    runs = instance.get_runs(
+        filters=dg.RunsFilter(
+            statuses=[dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.CANCELING],
+            tags={SYNC_HOST_TAG: host},
+        )
+    )
+    failed = []
+    for run in runs:
+        pid = run.tags.get(SYNC_PID_TAG, "")
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue
+        instance.report_run_failed(run, f"the dicom-assets sync process {host}:{pid} running it is gone (killed?)")
+        instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+        failed.append(run.run_id)
+    return failed
+
+
 def _run(job: dg.JobDefinition, instance: dg.DagsterInstance, report: SyncReport, tags: dict[str, str] | None = None) -> dg.ExecuteInProcessResult:
     run_config = {"loggers": {"console": {"config": {"log_level": CONSOLE_LOG_LEVEL}}}}
-    result = job.execute_in_process(instance=instance, tags=tags or {}, raise_on_error=False, run_config=run_config)
+    tags = {**(tags or {}), SYNC_HOST_TAG: socket.gethostname(), SYNC_PID_TAG: str(os.getpid())}
+    result = job.execute_in_process(instance=instance, tags=tags, raise_on_error=False, run_config=run_config)
     report.runs.append(result.run_id)
     if not result.success:
         report.failed_runs.append(f"{job.name} ({result.run_id})")
@@ -141,6 +175,8 @@ def run_sync(
     store.create_schema()
     instance = dagster_instance()
     report = SyncReport()
+    for run_id in fail_dead_sync_runs(instance):
+        log(f"marked run {run_id} failed: the sync that ran it was killed")
 
     log("discovering patients ...")
     _run(defs.resolve_job_def("discover_patients"), instance, report, {FULL_DISCOVERY_TAG: "true"} if full_discovery else None)

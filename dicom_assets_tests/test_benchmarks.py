@@ -1,4 +1,5 @@
-"""``make bench``'s harness in ``--quick`` mode: a 3 MB cohort through every retrieval variant.
+"""``make bench``'s harness in ``--quick`` mode: a 3 MB cohort through every retrieval variant,
+archiving, and discovery over 20 patients (scale has no small size and is not run).
 
 Real Orthanc, real DCMTK, real ``dicom-assets sync`` against a real PostgreSQL, real ``zip``:
 the point is that the harness runs end to end and checks what it measures (every variant got
@@ -60,6 +61,10 @@ def test_quick_benchmark_writes_every_section_and_every_variant_gets_every_insta
     assert set(archive_runs) == {"dicom-assets", "zip-6", "zip-1"}
     assert archive_runs["dicom-assets"]["readable_by_unzip"] is True
     assert all(run["output_bytes"] > 0 and run["ratio"] > 1.0 for run in archive_runs.values())
-    assert results["discovery"]["status"] == results["scale"]["status"] == "not run"
+    discovery = results["discovery"]
+    assert discovery["status"] == "ok", discovery["reason"]
+    assert discovery["figures"]["patients"] == 20
+    assert 0 < discovery["figures"]["second_requests"] < discovery["figures"]["first_requests"]
+    assert results["scale"]["status"] == "not run"
     if results.get("chart"):  # matplotlib is a `bench` extra, absent under plain `make test`
         assert out.with_suffix(".png").stat().st_size > 0
