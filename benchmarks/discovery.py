@@ -40,12 +40,12 @@ def discovery_spec(patients: int, studies_per_patient: int = 2, series_per_study
     )  # fmt: skip
 
 
-def _one_pass(client: PacsClient, store: StateStore, pacs: DevPacs) -> tuple[int, float, dict[str, int]]:
+def _one_pass(client: PacsClient, store: StateStore, pacs: DevPacs) -> tuple[int, float, dict[str, int], int]:
     """A sync's discovery: the pass, then studies and series per run of patients; returns the
-    requests the PACS served, the seconds taken and the requests by kind."""
+    requests the PACS served, the seconds taken, the requests by kind and the date windows."""
     before = pacs.requests_by_kind()
     started = time.monotonic()
-    keys, _ = discover_pass(client, store, lambda identifier: True, DiscoverySettings())
+    keys, stats = discover_pass(client, store, lambda identifier: True, DiscoverySettings())
     ids = list(store.patient_ids_for_keys(keys).values())
     for i in range(0, len(ids), PATIENTS_PER_RUN):
         run = ids[i : i + PATIENTS_PER_RUN]
@@ -54,7 +54,7 @@ def _one_pass(client: PacsClient, store: StateStore, pacs: DevPacs) -> tuple[int
     seconds = time.monotonic() - started
     after = pacs.requests_by_kind()
     by_kind = {kind: after[kind] - before.get(kind, 0) for kind in after if after[kind] != before.get(kind, 0)}
-    return sum(by_kind.values()), seconds, by_kind
+    return sum(by_kind.values()), seconds, by_kind, stats.windows
 
 
 def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str | None = None) -> dict[str, Any]:
@@ -78,8 +78,8 @@ def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str 
                           "report_dir": str(work_dir / "unused")},
             })  # fmt: skip
             client = PacsClient(settings.pacs)
-            first_requests, first_seconds, first_kinds = _one_pass(client, store, pacs)
-            second_requests, second_seconds, second_kinds = _one_pass(client, store, pacs)
+            first_requests, first_seconds, first_kinds, first_windows = _one_pass(client, store, pacs)
+            second_requests, second_seconds, second_kinds, _ = _one_pass(client, store, pacs)
     finally:
         store.dispose()
     studies = len({s.study_instance_uid for s in cohort.series})
@@ -91,6 +91,10 @@ def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str 
         "second_seconds": round(second_seconds, 3),
         "studies": studies,
         "patients": len(cohort.patient_ids),
+        "date_windows": first_windows,
+        "first_cfinds": sum(n for kind, n in first_kinds.items() if "FIND" in kind.upper()),
+        "first_kinds": first_kinds,
+        "second_kinds": second_kinds,
     }
 
 

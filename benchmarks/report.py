@@ -101,15 +101,19 @@ def _discovery_targets(section: dict[str, Any]) -> list[Target]:
     if section.get("status") != "ok" or "first_requests" not in f:
         return [Target("Discovery requests (first pass; second pass)", "≤ studies + date windows; ≤ 5 %", _why(section), None, None)]
     windows = f.get("date_windows")
-    limit = f.get("studies", 0) + (windows or 0)
+    cfinds = f.get("first_cfinds")
+    studies = f.get("studies", 0)
     first = f["first_requests"]
-    first_target = (
-        _ceiling("Discovery, first pass: PACS requests", "≤ 1 C-FIND per study + 1 per date window",
-                 f"{first:,} (associations + C-FINDs) for {f.get('studies', 0):,} studies + {windows} date windows", first, limit)
-        if windows is not None
-        else Target("Discovery, first pass: PACS requests", "≤ 1 C-FIND per study + 1 per date window",
-                    f"{first:,} (associations + C-FINDs) for {f.get('studies', 0):,} studies ({first / max(f.get('studies', 1), 1):.2f} per study; date windows not reported)", None, None)
-    )  # fmt: skip
+    if windows is not None and cfinds is not None:
+        # + 1: the PATIENT-level C-FIND the selection rule needs (one per pass, not per study)
+        first_target = _ceiling(
+            "Discovery, first pass: C-FINDs", "≤ 1 C-FIND per study + 1 per date window",
+            f"{cfinds:,} C-FINDs = {studies:,} studies + {windows} date window(s) + 1 patient query "
+            f"({first - cfinds} associations besides)", cfinds, studies + windows + 1,
+        )
+    else:
+        first_target = Target("Discovery, first pass: PACS requests", "≤ 1 C-FIND per study + 1 per date window",
+                              f"{first:,} (associations + C-FINDs) for {studies:,} studies (date windows not reported)", None, None)
     share = f["second_requests"] / first if first else None
     return [
         first_target,

@@ -113,3 +113,16 @@ def test_allowed_hosts_refuses_other_addresses(tmp_path: Path, instance, caplog:
     with _receiver(tmp_path, allowed_ae_titles=["DEVPACS"], allowed_hosts=["127.0.0.1"]) as receiver:
         receiver.sink.expect("P1", series.study_instance_uid, series.series_instance_uid)
         assert _store(receiver.port, [ds]) == [0x0000]
+
+
+def test_file_meta_is_what_pynetdicom_writes() -> None:
+    from pynetdicom.dsutils import create_file_meta, encode_file_meta
+
+    from dicom_assets.pacs.receiver import file_meta
+
+    for sop_class, sop_uid, syntax in [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),
+        ("1.2.840.10008.5.1.4.1.1.4", "1.2.3.45", "1.2.840.10008.1.2.4.50"),
+    ]:
+        expected = encode_file_meta(create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_uid, transfer_syntax=syntax))
+        assert file_meta(sop_class, sop_uid, syntax) == b"\x00" * 128 + b"DICM" + expected
