@@ -160,26 +160,26 @@ class RequestorAssociation:
             self._assoc.sock.close()
 
     # -- requests --------------------------------------------------------------------------------
-    def send_c_echo(self) -> Dataset:
+    def send_c_echo(self) -> ResponseStatus:
         context_id = self._context(VERIFICATION)
         self._send(context_id, {0x00000100: C_ECHO_RQ, 0x00000800: 0x0101}, VERIFICATION)
         for _cx, command, _data in self._guarded(self._assoc.messages(_no_dataset)):
             return _status(command)
-        return Dataset()
+        return ResponseStatus()
 
-    def send_c_find(self, identifier: Dataset, model: str) -> Iterator[tuple[Dataset, Dataset | None]]:
+    def send_c_find(self, identifier: Dataset, model: str) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         """(status, identifier) for each response, as pynetdicom's ``send_c_find``."""
         context_id = self._context(model)
         self._send(context_id, {0x00000100: C_FIND_RQ, 0x00000700: 0, 0x00000800: 0x0000}, model, identifier)
         yield from self._responses(context_id)
 
-    def send_c_move(self, identifier: Dataset, destination: str, model: str) -> Iterator[tuple[Dataset, Dataset | None]]:
+    def send_c_move(self, identifier: Dataset, destination: str, model: str) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         context_id = self._context(model)
         values = {0x00000100: C_MOVE_RQ, 0x00000600: ul.ae_title(destination), 0x00000700: 0, 0x00000800: 0x0000}
         self._send(context_id, values, model, identifier)
         yield from self._responses(context_id)
 
-    def send_c_get(self, identifier: Dataset, model: str, sink: Any) -> Iterator[tuple[Dataset, Dataset | None]]:
+    def send_c_get(self, identifier: Dataset, model: str, sink: Any) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         """C-GET; the C-STOREs that come back stream to ``sink`` (an InstanceSink)."""
         context_id = self._context(model)
         self._send(context_id, {0x00000100: C_GET_RQ, 0x00000700: 0, 0x00000800: 0x0000}, model, identifier)
@@ -203,7 +203,7 @@ class RequestorAssociation:
                 raise ValueError("the query identifier cannot be encoded")
             self._assoc.send_dataset(context_id, data)
 
-    def _responses(self, context_id: int, sink: Any = None) -> Iterator[tuple[Dataset, Dataset | None]]:
+    def _responses(self, context_id: int, sink: Any = None) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         def on_dataset(cx: int, command: ul.Command) -> Any:
             if command.field == C_STORE_RQ and sink is not None:
                 return sink.open_instance(
@@ -249,20 +249,35 @@ def _no_dataset(context_id: int, command: ul.Command) -> _Collect:
     return _Collect()
 
 
-def _status(command: ul.Command) -> Dataset:
-    """The response's status as a dataset, as pynetdicom returns it."""
-    status = Dataset()
+class ResponseStatus(dict):  # type: ignore[type-arg]
+    """A response's status fields by keyword, read like pynetdicom's status datasets
+    (``status.Status``, ``"Status" in status``, ``status.get(keyword)``).
+
+    A plain dict: a C-MOVE answers every instance with a pending response, and building a
+    pydicom Dataset for each cost the receiving thread GIL time.
+    """
+
+    def __getattr__(self, keyword: str) -> Any:
+        try:
+            return self[keyword]
+        except KeyError:
+            raise AttributeError(keyword) from None
+
+
+def _status(command: ul.Command) -> ResponseStatus:
+    """The response's status and sub-operation counts."""
+    status = ResponseStatus()
     value = command.ushort(0x00000900)
     if value is None:
         return status
-    status.Status = value
+    status["Status"] = value
     for tag, keyword in STATUS_COUNTS.items():
         count = command.ushort(tag)
         if count is not None:
-            setattr(status, keyword, count)
+            status[keyword] = count
     comment = command.elements.get(0x00000902)
     if comment:
-        status.ErrorComment = comment.rstrip(b"\x00 ").decode("ascii", "replace")
+        status["ErrorComment"] = comment.rstrip(b"\x00 ").decode("ascii", "replace")
     return status
 
 

@@ -34,7 +34,7 @@ ASSOCIATE_RQ, ASSOCIATE_AC, ASSOCIATE_RJ = 0x01, 0x02, 0x03
 P_DATA_TF, RELEASE_RQ, RELEASE_RP, ABORT = 0x04, 0x05, 0x06, 0x07
 
 #: Largest P-DATA-TF PDU we ask the peer to send; bigger PDUs mean fewer headers to parse.
-MAX_PDU_RECEIVE = 1 << 20
+MAX_PDU_RECEIVE = 128 << 10
 #: An association request is at most a few hundred contexts: anything far bigger is hostile.
 MAX_ASSOCIATE_PDU = 1 << 20
 READ_BUFFER = 4 << 20
