@@ -5,7 +5,6 @@ import dagster as dg
 from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.publish import published_archive
 from dicom_assets.defs.discovery.assets import patients, series, studies
-from dicom_assets.defs.partitions import patient_partitions
 from dicom_assets.defs.reporting.assets import inventory, validation_report
 from dicom_assets.defs.retrieval.assets import downloaded_series
 
@@ -16,7 +15,6 @@ discover_patients_job = dg.define_asset_job(
 patient_pipeline_job = dg.define_asset_job(
     "patient_pipeline",
     selection=dg.AssetSelection.assets(studies, series, downloaded_series, patient_archive, published_archive, validation_report),
-    partitions_def=patient_partitions,
     description="Per patient: studies, series, retrieval, archive, validation (and its check)",
 )
 
