@@ -175,7 +175,7 @@ class SeriesRetriever:
                 error = f"cannot create the series directory {directory}: {exc.strerror or exc}"
                 return self._outcome(series, directory, started, "failed", error, storage_errno=exc.errno), expected
             flight = self.sink.expect(series.patient_id, series.study_instance_uid, series.series_instance_uid)
-            final = self._send(series, missing if on_disk and missing else None)
+            final = self._send(series, missing if on_disk and missing else None, flight)
             before = len(on_disk)
             if not (final.started_nothing and flight.received == 0):  # else nothing is on its way
                 flight.wait_for_stragglers(
@@ -220,12 +220,14 @@ class SeriesRetriever:
             )  # fmt: skip
             return None
 
-    def _send(self, series: SeriesState, sop_uids: list[str] | None) -> RetrieveStatus:
+    def _send(self, series: SeriesState, sop_uids: list[str] | None, flight: InFlightRetrieve) -> RetrieveStatus:
         if self.settings.pacs.retrieve_method == "c-get":
             return self.session.get(series.study_instance_uid, series.series_instance_uid, sop_uids)
+        timeout = self.settings.pacs.timeout_s
         return self.session.move(
-            series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids
-        )
+            series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids,
+            still_arriving=lambda: time.monotonic() - flight.last_arrival < timeout,
+        )  # fmt: skip
 
     @staticmethod
     def _judge(final: RetrieveStatus, directory: Path, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+import struct
 from typing import Any
 
 from dicom_assets.config import Settings, settings_from_dict
 from dicom_assets.devpacs import CohortSpec, CohortSummary, generate_cohort
+from dicom_assets.pacs import upper_layer as ul
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
 
 HOSTILE_PATIENT_IDS = ("PAT-001", "PAT 002/..", "PAT*3 José")
 
@@ -29,3 +33,18 @@ def make_settings(tmp_path: Path, pacs_port: int, receiver_port: int, db_url: st
         "database": {"url": db_url},
     }
     return settings_from_dict(raw)
+
+
+def send_c_store(assoc: Any, sop_uid: str, body: bytes, fragment: int, stop_after: int | None = None) -> None:
+    """A C-STORE-RQ whose dataset goes out in PDUs of ``fragment`` bytes (optionally cut short)."""
+    inner = assoc._assoc
+    context_id = next(iter(inner.contexts))
+    command = ul.encode_command({
+        0x00000002: CT, 0x00000100: 0x0001, 0x00000110: 7, 0x00000700: 0, 0x00000800: 0x0000, 0x00001000: sop_uid,
+    })  # fmt: skip
+    inner.send_command(context_id, command)
+    end = len(body) if stop_after is None else stop_after
+    for start in range(0, end, fragment):
+        piece = body[start : min(start + fragment, end)]
+        last = 0x02 if min(start + fragment, end) >= len(body) else 0x00
+        inner.sock.sendall(struct.pack(">BxL", 0x04, len(piece) + 6) + struct.pack(">LBB", len(piece) + 2, context_id, last) + piece)

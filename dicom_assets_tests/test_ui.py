@@ -8,7 +8,6 @@ in Debian's Chromium through Selenium and Debian's chromedriver, and saves a scr
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -3,7 +3,6 @@ fragments of any size, and what lands on disk is exactly what was sent."""
 
 from __future__ import annotations
 
-import struct
 import time
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from dicom_assets.pacs import upper_layer as ul
 from dicom_assets.pacs.receiver import STATUS_SUCCESS, StorageReceiver
 from dicom_assets.pacs.requestor import AssociationRejected, RequestorAssociation
 from dicom_assets_tests.conftest import free_port
-from dicom_assets_tests.pacs_fixtures import small_cohort
+from dicom_assets_tests.pacs_fixtures import CT, send_c_store, small_cohort
 
-CT = "1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 
 
@@ -38,21 +36,6 @@ def _open(port: int, called: str = "DICOM_ASSETS") -> RequestorAssociation:
     return RequestorAssociation.open(("127.0.0.1", port), "DEVPACS", called, [build_context(CT, [EXPLICIT_LE])], timeout_s=5)
 
 
-def _send_store(assoc: RequestorAssociation, sop_uid: str, body: bytes, fragment: int, stop_after: int | None = None) -> None:
-    """A C-STORE-RQ whose dataset goes out in PDUs of ``fragment`` bytes (optionally cut short)."""
-    inner = assoc._assoc
-    context_id = next(iter(inner.contexts))
-    command = ul.encode_command({
-        0x00000002: CT, 0x00000100: 0x0001, 0x00000110: 7, 0x00000700: 0, 0x00000800: 0x0000, 0x00001000: sop_uid,
-    })  # fmt: skip
-    inner.send_command(context_id, command)
-    end = len(body) if stop_after is None else stop_after
-    for start in range(0, end, fragment):
-        piece = body[start : min(start + fragment, end)]
-        last = 0x02 if min(start + fragment, end) >= len(body) else 0x00
-        inner.sock.sendall(struct.pack(">BxL", 0x04, len(piece) + 6) + struct.pack(">LBB", len(piece) + 2, context_id, last) + piece)
-
-
 def _status(assoc: RequestorAssociation) -> int | None:
     for _cx, command, _data in assoc._assoc.messages(lambda cx, cmd: None):  # type: ignore[arg-type,return-value]
         return command.ushort(0x00000900)
@@ -65,7 +48,7 @@ def test_fragments_of_any_size_land_byte_identical(tmp_path: Path, instance, fra
     with StorageReceiver("DICOM_ASSETS", "127.0.0.1", free_port(), tmp_path / "downloads", ["DEVPACS"]) as receiver:
         flight = receiver.sink.expect("P1", series.study_instance_uid, series.series_instance_uid)
         assoc = _open(receiver.port)
-        _send_store(assoc, str(ds.SOPInstanceUID), body, fragment)
+        send_c_store(assoc, str(ds.SOPInstanceUID), body, fragment)
         assert _status(assoc) == STATUS_SUCCESS
         assoc.release()
     files = list((tmp_path / "downloads").rglob("*"))
@@ -82,7 +65,7 @@ def test_connection_lost_mid_instance_leaves_no_file(tmp_path: Path, instance) -
     with StorageReceiver("DICOM_ASSETS", "127.0.0.1", free_port(), tmp_path / "downloads", ["DEVPACS"]) as receiver:
         flight = receiver.sink.expect("P1", series.study_instance_uid, series.series_instance_uid)
         assoc = _open(receiver.port)
-        _send_store(assoc, str(ds.SOPInstanceUID), body, 256, stop_after=len(body) // 2)
+        send_c_store(assoc, str(ds.SOPInstanceUID), body, 256, stop_after=len(body) // 2)
         time.sleep(0.2)  # the receiver has routed it and started the temp file
         partial = [p for p in (tmp_path / "downloads").rglob("*") if p.is_file()]
         assoc._assoc.sock.close()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_assets import layout, validation
+from dicom_assets import layout
 from dicom_assets.store import PatientRecord, SeriesRecord, StateStore, StudyRecord
 from dicom_assets.validation import SeriesValidation, validate_patient, write_validation_csv
 

@@ -18,7 +18,7 @@ import itertools
 import select
 import socket
 import struct
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
@@ -173,11 +173,23 @@ class RequestorAssociation:
         self._send(context_id, {0x00000100: C_FIND_RQ, 0x00000700: 0, 0x00000800: 0x0000}, model, identifier)
         yield from self._responses(context_id)
 
-    def send_c_move(self, identifier: Dataset, destination: str, model: str) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
+    def send_c_move(
+        self, identifier: Dataset, destination: str, model: str, still_arriving: Callable[[], bool] | None = None
+    ) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
+        """C-MOVE; the instances go to ``destination`` over another association.
+
+        ``still_arriving``: asked when no response came within the timeout. Some PACS send no
+        Pending responses, only the final one after the last instance; while instances keep
+        arriving at our receiver, such a C-MOVE is working, not hung, and is waited for.
+        """
         context_id = self._context(model)
         values = {0x00000100: C_MOVE_RQ, 0x00000600: ul.ae_title(destination), 0x00000700: 0, 0x00000800: 0x0000}
         self._send(context_id, values, model, identifier)
-        yield from self._responses(context_id)
+        self._assoc.reader.patience = still_arriving
+        try:
+            yield from self._responses(context_id)
+        finally:
+            self._assoc.reader.patience = None
 
     def send_c_get(self, identifier: Dataset, model: str, sink: Any) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         """C-GET; the C-STOREs that come back stream to ``sink`` (an InstanceSink)."""

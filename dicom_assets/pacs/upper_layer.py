@@ -61,6 +61,8 @@ class _Buffered:
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
+        #: Asked when a read times out: True means "the peer is still working, keep waiting".
+        self.patience: Callable[[], bool] | None = None
 
     def _fill(self, need: int) -> None:
         """Make at least ``need`` (<= buffer size) bytes available from ``start``."""
@@ -71,7 +73,12 @@ class _Buffered:
             self.buf[:kept] = self.buf[self.start : self.end]
             self.start, self.end = 0, kept
         while self.end - self.start < need:
-            got = self.sock.recv_into(self.view[self.end :])
+            try:
+                got = self.sock.recv_into(self.view[self.end :])
+            except TimeoutError:
+                if self.patience is not None and self.patience():
+                    continue
+                raise
             if not got:
                 raise ConnectionClosed("the peer closed the connection")
             self.end += got
