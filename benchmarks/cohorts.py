@@ -14,21 +14,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_assets.devpacs.cohort import CohortSpec, generate_cohort
+from dicom_assets.devpacs.cohort import CohortSpec, CohortSummary, GeneratedSeries, generate_cohort
 
 #: Bump when the generator changes in a way that makes cached cohorts wrong.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: summary.json holds every series' SOP Instance UIDs too
 SUMMARY_FILE = "summary.json"
-
-
-@dataclass(frozen=True)
-class CohortSeries:
-    patient_id: str
-    study_instance_uid: str
-    series_instance_uid: str
-    series_number: int
-    instances: int
-    bytes: int
 
 
 @dataclass(frozen=True)
@@ -37,7 +27,7 @@ class Cohort:
 
     directory: Path
     spec: CohortSpec
-    series: tuple[CohortSeries, ...]
+    summary: CohortSummary
     generated_now: bool
 
     @property
@@ -46,16 +36,20 @@ class Cohort:
         return self.directory / "dicom"
 
     @property
+    def series(self) -> tuple[GeneratedSeries, ...]:
+        return self.summary.series
+
+    @property
     def instances(self) -> int:
-        return sum(s.instances for s in self.series)
+        return self.summary.instances
 
     @property
     def bytes(self) -> int:
-        return sum(s.bytes for s in self.series)
+        return self.summary.bytes
 
     @property
     def patient_ids(self) -> tuple[str, ...]:
-        return tuple(sorted({s.patient_id for s in self.series}))
+        return self.summary.patients
 
     def describe(self) -> str:
         s = self.spec
@@ -99,16 +93,13 @@ def cached_cohort(work_dir: Path, spec: CohortSpec) -> Cohort:
     summary_file = directory / SUMMARY_FILE
     if summary_file.is_file():
         rows = json.loads(summary_file.read_text())
-        return Cohort(directory, spec, tuple(CohortSeries(**row) for row in rows), generated_now=False)
+        series = tuple(GeneratedSeries(**{**row, "sop_instance_uids": tuple(row["sop_instance_uids"])}) for row in rows)
+        return Cohort(directory, spec, CohortSummary(series), generated_now=False)
     if directory.exists():
         shutil.rmtree(directory)  # an interrupted generation
     summary = generate_cohort(directory / "dicom", spec)
-    series = tuple(
-        CohortSeries(s.patient_id, s.study_instance_uid, s.series_instance_uid, s.series_number, s.instances, s.bytes)
-        for s in summary.series
-    )
-    summary_file.write_text(json.dumps([dataclasses.asdict(s) for s in series], indent=1))
-    return Cohort(directory, spec, series, generated_now=True)
+    summary_file.write_text(json.dumps([dataclasses.asdict(s) for s in summary.series], indent=1))
+    return Cohort(directory, spec, summary, generated_now=True)
 
 
 def bench_cohorts(work_dir: Path, quick: bool) -> BenchCohorts:

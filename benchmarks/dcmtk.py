@@ -20,9 +20,9 @@ from typing import Sequence
 
 from pydicom.dataset import Dataset
 
-from benchmarks.cohorts import CohortSeries
 from benchmarks.measure import ChildUsage, environment, run_child, start_child
 from benchmarks.orthanc_site import DCMTK_AET, Site
+from dicom_assets.devpacs.cohort import GeneratedSeries
 from dicom_assets_tests.orthanc import ORTHANC_AET
 
 RETRIEVE_TIMEOUT_S = 900.0
@@ -48,7 +48,7 @@ def dcmtk_binary(name: str) -> str:
     return path
 
 
-def write_query_files(series: Sequence[CohortSeries], directory: Path) -> list[Path]:
+def write_query_files(series: Sequence[GeneratedSeries], directory: Path) -> list[Path]:
     """One series-level Study Root identifier per series, as raw little-endian datasets."""
     directory.mkdir(parents=True, exist_ok=True)
     files = []
@@ -90,7 +90,7 @@ def _wait_for_scp(port: int, env: dict[str, str], log_dir: Path) -> None:
     raise RuntimeError(f"storescp did not answer C-ECHO on 127.0.0.1:{port} within {SCP_READY_TIMEOUT_S:.0f} s")
 
 
-def move_with_storescp(site: Site, series: Sequence[CohortSeries], out_dir: Path, log_dir: Path, nodelay: bool) -> DcmtkResult:
+def move_with_storescp(site: Site, series: Sequence[GeneratedSeries], out_dir: Path, log_dir: Path, nodelay: bool) -> DcmtkResult:
     """``storescp +B`` on the DCMTK port, then one ``movescu`` association with one C-MOVE per series."""
     env = dcmtk_env(nodelay)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -116,7 +116,7 @@ def move_with_storescp(site: Site, series: Sequence[CohortSeries], out_dir: Path
     return DcmtkResult(wall, move.cpu_s + scp_usage.cpu_s, max(move.peak_rss_mb, scp_usage.peak_rss_mb), files, size, (move, scp_usage))
 
 
-def get_with_getscu(site: Site, series: Sequence[CohortSeries], out_dir: Path, log_dir: Path, nodelay: bool) -> DcmtkResult:
+def get_with_getscu(site: Site, series: Sequence[GeneratedSeries], out_dir: Path, log_dir: Path, nodelay: bool) -> DcmtkResult:
     """One ``getscu +B`` per series (one association, one C-GET), one after the other."""
     env = dcmtk_env(nodelay)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -17,8 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_assets_tests.conftest import free_port
-from dicom_assets_tests.orthanc import ORTHANC_AET, OrthancHandle, orthanc_binary, orthanc_config
+from dicom_assets_tests.orthanc import ORTHANC_AET, OrthancHandle, distinct_free_ports, orthanc_binary, orthanc_config
 
 PROJECT_AET = "DICOM_ASSETS"
 DCMTK_AET = "DCMTK"
@@ -48,22 +47,13 @@ def _modality(aet: str, port: int) -> dict[str, object]:
     }  # fmt: skip
 
 
-def _distinct_ports(count: int) -> list[int]:
-    ports: list[int] = []
-    while len(ports) < count:
-        port = free_port()
-        if port not in ports:
-            ports.append(port)
-    return ports
-
-
 def start_site(root: Path) -> Site:
     """Start Orthanc under ``root`` (storage, index, config, log); returns once REST answers."""
     binary = orthanc_binary()
     if binary is None:
         raise RuntimeError("Orthanc is not installed (apt-get install orthanc; see scripts/ensure-services.sh)")
     root.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port, project_port, dcmtk_port = _distinct_ports(4)
+    dicom_port, http_port, project_port, dcmtk_port = distinct_free_ports(4)
     config = orthanc_config(root, dicom_port, http_port, project_port, receiver_ae_title=PROJECT_AET)
     config["DicomModalities"] = {"dicom_assets": _modality(PROJECT_AET, project_port), "dcmtk": _modality(DCMTK_AET, dcmtk_port)}
     config["JobsHistorySize"] = 10

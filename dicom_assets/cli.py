@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -89,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_sync(args: argparse.Namespace) -> int:
     from dicom_assets.sync import run_sync
 
+    if args.json_summary and not os.access(args.json_summary.resolve().parent, os.W_OK):
+        print(f"--json-summary {args.json_summary}: its directory does not exist or is not writable", file=sys.stderr)
+        return 2  # said before the pass, not after an hour of it
     report = run_sync(args.config, progress=not args.no_progress, full_discovery=args.full_discovery)
     if args.json_summary:  # machine-readable figures, e.g. for benchmarks/run.py
         import dataclasses

@@ -228,7 +228,7 @@ def _reap_stopping() -> None:
         _reap(*_STOPPING.pop())
 
 
-def _distinct_free_ports(count: int) -> list[int]:
+def distinct_free_ports(count: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < count:
         candidate = free_port()
@@ -248,7 +248,7 @@ def start_orthanc(
     binary = require_orthanc()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    dicom_port, http_port = _distinct_free_ports(2)
+    dicom_port, http_port = distinct_free_ports(2)
     config = orthanc_config(root, dicom_port, http_port, receiver_port, synchronous_move, receiver_ae_title)
     config_file = root / "orthanc.json"
     config_file.write_text(json.dumps(config, indent=2))

@@ -58,3 +58,16 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     (foreign / "precious.txt").write_text("keep")
     refused = _run(["demo", "--workdir", "mine"], tmp_path)
     assert refused.returncode != 0 and (foreign / "precious.txt").exists()
+
+
+def test_sync_refuses_an_unwritable_json_summary_before_starting(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "dicom_assets.cli", "sync", "--config", str(tmp_path / "missing.yaml"),
+         "--json-summary", str(tmp_path / "no-such-dir" / "s.json")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--json-summary" in out.stderr and "not writable" in out.stderr

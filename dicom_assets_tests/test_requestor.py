@@ -24,23 +24,12 @@ from dicom_assets.pacs import upper_layer as ul
 from dicom_assets.pacs.client import PacsClient, PacsUnavailable
 from dicom_assets.pacs.contexts import MOVE_MODELS
 from dicom_assets.pacs.receiver import StorageReceiver
-from dicom_assets.pacs.requestor import RequestorAssociation
+from dicom_assets.pacs.requestor import CollectedDataset, RequestorAssociation
 from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import CT, send_c_store, small_cohort
 
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 MOVE = str(MOVE_MODELS["study"])
-
-
-class _Collect:
-    def __init__(self) -> None:
-        self.data = bytearray()
-
-    def write(self, piece: memoryview) -> None:
-        self.data += piece
-
-    def abort(self) -> None:
-        pass
 
 
 class QuietPacs:
@@ -60,7 +49,7 @@ class QuietPacs:
         with conn:
             request = ul.read_association_request(conn)
             assoc = ul.accept(conn, request, [build_context(MOVE, [EXPLICIT_LE, "1.2.840.10008.1.2"])])
-            for context_id, command, _identifier in assoc.messages(lambda cx, cmd: _Collect()):
+            for context_id, command, _identifier in assoc.messages(lambda cx, cmd: CollectedDataset()):
                 self._move(assoc, context_id, command)
 
     def _move(self, assoc: ul.Association, context_id: int, command: ul.Command) -> None:
@@ -69,7 +58,7 @@ class QuietPacs:
                                           [build_context(CT, [EXPLICIT_LE])], timeout_s=10)  # fmt: skip
         for sop_uid, body in self.bodies:
             send_c_store(store, sop_uid, body, 16384)
-            for _cx, _response, _data in store._assoc.messages(lambda cx, cmd: _Collect()):
+            for _cx, _response, _data in store._assoc.messages(lambda cx, cmd: CollectedDataset()):
                 break
             time.sleep(self.gap_s)
         store.release()

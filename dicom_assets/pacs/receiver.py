@@ -1,4 +1,4 @@
-"""Receiving instances: the storage SCP for C-MOVE and the C-STORE handler for C-GET.
+"""Receiving instances: the storage SCP for C-MOVE, and the sink C-GET's C-STOREs go to.
 
 Both paths end in :class:`InstanceSink`, which only stores instances that belong to a retrieve
 in flight (a series we asked for), writes them exactly as received (no decode/re-encode of
@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
 from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name, temp_token
@@ -70,6 +69,7 @@ class InFlightRetrieve:
     last_errno: int | None = None
     last_arrival: float = field(default_factory=time.monotonic)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+    _made: bool = field(default=False, repr=False)
 
     def note_arrival(self, size: int, duplicate: bool) -> None:
         with self._cond:
@@ -80,6 +80,12 @@ class InFlightRetrieve:
                 self.bytes += size
             self.last_arrival = time.monotonic()
             self._cond.notify_all()
+
+    def make_directory(self) -> None:
+        """Create the series directory, once per retrieve (not once per instance)."""
+        if not self._made:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._made = True
 
     def note_write_error(self, path: Path, exc: OSError) -> None:
         self.last_error = f"cannot write {path}: {exc.strerror or exc}"
@@ -140,41 +146,8 @@ class InstanceSink:
         return flight
 
     def open_instance(self, sop_class_uid: str, sop_uid: str, transfer_syntax: str, who: str) -> "IncomingInstance":
-        """A C-STORE whose dataset is about to stream in (the storage SCP's path)."""
+        """A C-STORE whose dataset is about to stream in (storage SCP, or a C-GET's association)."""
         return IncomingInstance(self, sop_class_uid, sop_uid, transfer_syntax, who)
-
-    def handle_store(self, event: Any) -> int:
-        """EVT_C_STORE handler (pynetdicom, the C-GET path): returns the DIMSE status."""
-        sop_uid = str(event.request.AffectedSOPInstanceUID or "")
-        who = _who(event)
-        try:
-            header = _routing_header(event)
-        except Exception as exc:  # noqa: BLE001 - anything unreadable is refused, never written
-            self.refuse(who, f"unreadable instance {sop_uid!r}: {exc}")
-            return STATUS_CANNOT_UNDERSTAND
-        flight = self.route(sop_uid, {k: str(header[k].value) for k in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID") if k in header}, who)
-        if isinstance(flight, int):
-            return flight
-        return self._write(event, flight, sop_uid)
-
-    def _write(self, event: Any, flight: InFlightRetrieve, sop_uid: str) -> int:
-        final = instance_file(flight.directory, sop_uid)
-        if final.exists():
-            flight.note_arrival(0, duplicate=True)
-            return STATUS_SUCCESS
-        tmp = temp_name(final, temp_token())
-        try:
-            flight.directory.mkdir(parents=True, exist_ok=True)
-            data = event.encoded_dataset()
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-            os.replace(tmp, final)
-        except OSError as exc:
-            _unlink_quietly(tmp)
-            flight.note_write_error(final, exc)
-            return STATUS_OUT_OF_RESOURCES
-        flight.note_arrival(len(data), duplicate=False)
-        return STATUS_SUCCESS
 
     def refuse(self, who: str, why: str) -> None:
         self.refused += 1
@@ -244,7 +217,7 @@ class IncomingInstance:
         self.tmp = temp_name(self.final, temp_token())
         meta = file_meta(self.sop_class_uid, self.sop_uid, self.transfer_syntax)
         try:
-            self.flight.directory.mkdir(parents=True, exist_ok=True)
+            self.flight.make_directory()
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             self._append(memoryview(meta))
             self._append(memoryview(self.head))
@@ -337,17 +310,6 @@ class _Discard:
 
     def abort(self) -> None:
         pass
-
-
-def _who(event: Any) -> str:
-    calling = getattr(getattr(event, "assoc", None), "requestor", None)
-    return f"{getattr(calling, 'ae_title', '?')}@{getattr(calling, 'address', '?')}"
-
-
-def _routing_header(event: Any) -> Dataset:
-    """The few UIDs needed to route an instance, read without touching the pixel data."""
-    ds = event.dataset
-    return Dataset({tag: ds[tag] for tag in (0x0020000D, 0x0020000E, 0x00080018) if tag in ds})
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -51,8 +51,8 @@ class AssociationRejected(ConnectionError):
     """The PACS rejected or aborted the association request."""
 
 
-class _Collect:
-    """A small dataset (an identifier) kept in memory."""
+class CollectedDataset:
+    """A small dataset (an identifier, a response) kept in memory as it arrives."""
 
     def __init__(self) -> None:
         self.data = bytearray()
@@ -84,10 +84,6 @@ class RequestorAssociation:
             self._open = False
             self._assoc.sock.close()
         return self._open
-
-    @is_established.setter
-    def is_established(self, value: bool) -> None:
-        self._open = value
 
     # -- opening and closing -------------------------------------------------------------------
     @classmethod
@@ -142,7 +138,7 @@ class RequestorAssociation:
         """A-RELEASE: ask, wait briefly for the answer, close."""
         if not self.is_established:
             return
-        self.is_established = False
+        self._open = False
         sock = self._assoc.sock
         try:
             sock.sendall(struct.pack(">BxL", ul.RELEASE_RQ, 4) + b"\x00" * 4)
@@ -155,7 +151,7 @@ class RequestorAssociation:
 
     def abort(self) -> None:
         if self.is_established:
-            self.is_established = False
+            self._open = False
             self._assoc.abort()
             self._assoc.sock.close()
 
@@ -221,7 +217,7 @@ class RequestorAssociation:
                 return sink.open_instance(
                     command.uid(0x00000002), command.uid(0x00001000), self._assoc.transfer_syntax(cx), "the PACS (C-GET)"
                 )  # fmt: skip
-            return _Collect()
+            return CollectedDataset()
 
         for cx, command, data in self._guarded(self._assoc.messages(on_dataset)):
             if command.field == C_STORE_RQ:
@@ -229,7 +225,7 @@ class RequestorAssociation:
                 continue
             status = _status(command)
             identifier = None
-            if isinstance(data, _Collect) and data.data:
+            if isinstance(data, CollectedDataset) and data.data:
                 syntax = self._assoc.transfer_syntax(cx)
                 identifier = decode(io.BytesIO(bytes(data.data)), syntax == "1.2.840.10008.1.2", syntax != "1.2.840.10008.1.2.2")
             yield status, identifier
@@ -251,14 +247,14 @@ class RequestorAssociation:
         except OSError:
             self.abort()
             raise
-        if self.is_established:  # the peer sent A-RELEASE-RQ in the middle of a request
-            self.is_established = False
+        if self._open:  # the peer sent A-RELEASE-RQ in the middle of a request
+            self._open = False
             self._assoc.sock.close()
             raise ul.ConnectionClosed("the PACS released the association during a request")
 
 
-def _no_dataset(context_id: int, command: ul.Command) -> _Collect:
-    return _Collect()
+def _no_dataset(context_id: int, command: ul.Command) -> CollectedDataset:
+    return CollectedDataset()
 
 
 class ResponseStatus(dict):  # type: ignore[type-arg]

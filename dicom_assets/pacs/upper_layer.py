@@ -43,6 +43,7 @@ APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 
 _HEADER = struct.Struct(">BxL")  # PDU type, reserved, length
 _PDV = struct.Struct(">LBB")  # item length, presentation context ID, message control header
+COMMAND, LAST_FRAGMENT = 0x01, 0x02  # bits of the message control header
 
 
 class ConnectionClosed(ConnectionError):
@@ -186,22 +187,20 @@ class Association:
 
     def send_command(self, context_id: int, command: bytes) -> None:
         """Send a command set as one or more P-DATA-TF PDUs within the peer's maximum."""
-        room = max(self.peer_max_pdu - 6, 64)
-        pieces = [command[i : i + room] for i in range(0, len(command), room)] or [b""]
-        out = bytearray()
-        for n, piece in enumerate(pieces):
-            control = 0x03 if n == len(pieces) - 1 else 0x01
-            out += _HEADER.pack(P_DATA_TF, len(piece) + 6) + _PDV.pack(len(piece) + 2, context_id, control) + piece
-        self.sock.sendall(out)
+        self._send_fragments(context_id, command, COMMAND)
 
     def send_dataset(self, context_id: int, data: bytes) -> None:
-        """Send an encoded dataset as P-DATA-TF PDUs within the peer's maximum."""
+        """Send an encoded dataset as one or more P-DATA-TF PDUs within the peer's maximum."""
+        self._send_fragments(context_id, data, 0x00)
+
+    def _send_fragments(self, context_id: int, data: bytes, kind: int) -> None:
+        """One PDV per PDU; ``kind`` is the command bit of the message control header."""
         room = max(min(self.peer_max_pdu, MAX_PDU_RECEIVE) - 6, 64)
         view = memoryview(data)
         out = bytearray()
         for start in range(0, max(len(data), 1), room):
             piece = view[start : start + room]
-            control = 0x02 if start + room >= len(data) else 0x00
+            control = kind | (LAST_FRAGMENT if start + room >= len(data) else 0x00)
             out += _HEADER.pack(P_DATA_TF, len(piece) + 6) + _PDV.pack(len(piece) + 2, context_id, control) + piece
         self.sock.sendall(out)
 
@@ -234,9 +233,9 @@ class Association:
                         raise ProtocolError("malformed presentation data value item")
                     length -= item_length + 4
                     data_length = item_length - 2
-                    if control & 0x01:  # command fragment
+                    if control & COMMAND:
                         command += self.reader.exact(data_length)
-                        if control & 0x02:
+                        if control & LAST_FRAGMENT:
                             parsed = decode_command(bytes(command))
                             command.clear()
                             if not parsed.has_dataset:
@@ -249,7 +248,7 @@ class Association:
                         raise ProtocolError("a dataset fragment arrived before its command")
                     for piece in self.reader.stream(data_length):
                         sink.write(piece)
-                    if control & 0x02:
+                    if control & LAST_FRAGMENT:
                         done, sink = sink, None
                         yield context_id, parsed, done
                         parsed = None
