@@ -136,3 +136,10 @@ ALTER TABLE series ADD COLUMN IF NOT EXISTS claimed_in_run TEXT;
 CREATE INDEX IF NOT EXISTS series_claim_idx
     ON series (patient_id, study_instance_uid, series_number, series_instance_uid)
     WHERE download_status <> 'complete';
+
+-- Which schema.sql texts (SHA-256) were applied. StateStore.create_schema() runs this file only when
+-- its hash is missing here: its ALTER TABLEs lock hot tables even when they alter nothing.
+CREATE TABLE IF NOT EXISTS schema_applied (
+    sha256      TEXT PRIMARY KEY,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT now()
+);

@@ -106,6 +106,41 @@ def test_create_schema_is_idempotent_and_builds_triggers(store: StateStore) -> N
         assert set(triggers) == {f"{t}_date_modified" for t in ("patients", "studies", "series", "archives")}
 
 
+def test_create_schema_on_a_busy_db_takes_no_table_locks(pg_store: StateStore, pg_url: str) -> None:
+    """A process starting while another holds row locks must not queue behind them (or deadlock, as
+    three concurrent syncs once did): schema.sql runs once, then its hash says there is nothing to do."""
+    from dicom_assets.store import StateStore
+
+    with pg_store.engine.connect() as busy:
+        busy.exec_driver_sql("LOCK TABLE patients, studies, series IN ROW EXCLUSIVE MODE")
+        url = sa.engine.make_url(pg_url).update_query_dict({"options": "-c lock_timeout=2000"})
+        late = StateStore(url.render_as_string(hide_password=False))
+        try:
+            late.create_schema()  # would raise LockNotAvailable if it ran the ALTER TABLEs
+            with late.engine.connect() as conn:
+                applied = conn.exec_driver_sql("SELECT count(*) FROM schema_applied").scalar()
+        finally:
+            late.dispose()
+        busy.rollback()
+    assert applied == 1
+
+
+def test_concurrent_first_create_schema_applies_it_once(pg_url: str) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from dicom_assets.store import StateStore
+
+    stores = [StateStore(pg_url) for _ in range(4)]
+    try:
+        with ThreadPoolExecutor(len(stores)) as pool:
+            list(pool.map(lambda s: s.create_schema(), stores))  # raises if any of them failed
+        with stores[0].engine.connect() as conn:
+            assert conn.exec_driver_sql("SELECT count(*) FROM schema_applied").scalar() == 1
+    finally:
+        for s in stores:
+            s.dispose()
+
+
 def test_status_check_constraint(store: StateStore) -> None:
     _seed(store, "P", [("1.1", "1.1.1", 1, 1)])
     with pytest.raises(sa.exc.IntegrityError):

@@ -14,6 +14,7 @@ and the busy timeout makes writers queue instead of failing.
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -242,15 +243,26 @@ class StateStore:
         return (pg_dialect.insert if self.is_postgresql else sqlite_dialect.insert)(table)
 
     def create_schema(self) -> None:
-        """Idempotent. PostgreSQL: execute schema.sql. SQLite: tables.metadata.create_all + triggers."""
+        """Idempotent. PostgreSQL: execute schema.sql. SQLite: tables.metadata.create_all + triggers.
+
+        On PostgreSQL, schema.sql runs only when this exact text (by SHA-256) has not been applied to
+        the DB yet: its ALTER TABLEs take ACCESS EXCLUSIVE locks even when there is nothing to alter,
+        and running them while another process claims series deadlocks. Concurrent first runs are
+        serialised by an advisory lock, and the loser finds the hash recorded and does nothing.
+        """
         if self.is_postgresql:
             sql = SCHEMA_SQL.read_text(encoding="utf-8")
+            digest = hashlib.sha256(sql.encode("utf-8")).hexdigest()
             raw = self.engine.raw_connection()
             try:
                 cursor = raw.cursor()
                 try:
+                    if _schema_applied(cursor, digest):
+                        return
                     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
-                    cursor.execute(sql)
+                    if not _schema_applied(cursor, digest):
+                        cursor.execute(sql)
+                        cursor.execute("INSERT INTO schema_applied (sha256) VALUES (%s)", (digest,))
                 finally:
                     cursor.close()
                 raw.commit()
@@ -1191,3 +1203,18 @@ class StateStore:
             ).scalar_one()
         granted, deferred = (row[0], row[1]) if row else (0, 0)
         return {"granted": int(granted), "deferred": int(deferred), "in_log": int(in_log)}
+
+
+def _schema_applied(cursor: Any, digest: str) -> bool:
+    """True when schema.sql with this SHA-256 is recorded in ``schema_applied`` (takes no table locks).
+
+    pg_tables, not to_regclass(): the latter answers from a cache that still says "no such table"
+    after another process created it while we waited for the advisory lock."""
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_tables "
+        "WHERE schemaname = current_schema() AND tablename = 'schema_applied')"
+    )
+    if not cursor.fetchone()[0]:
+        return False
+    cursor.execute("SELECT 1 FROM schema_applied WHERE sha256 = %s", (digest,))
+    return cursor.fetchone() is not None

@@ -203,4 +203,12 @@ discovery_watermarks = sa.Table(
     sa.Column("full_pass_at", sa.DateTime(timezone=True)),
 )
 
+# PostgreSQL: which schema.sql texts (SHA-256) were applied, so create_schema() runs it once.
+schema_applied = sa.Table(
+    "schema_applied",
+    metadata,
+    sa.Column("sha256", sa.Text, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+)
+
 TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives)
