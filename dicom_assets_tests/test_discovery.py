@@ -240,11 +240,16 @@ def test_pass_plan_full_on_first_pass_when_due_or_asked_else_from_watermark(pg_s
     assert plan_pass(pg_store, key, policy, today=date(2026, 3, 6), now=now).since == date(2026, 2, 23)
 
 
-def test_an_existing_database_upgrades_and_checks_everything_once(pg_store: StateStore) -> None:
+@pytest.mark.parametrize("record", ["none", "older schema.sql"])
+def test_an_existing_database_upgrades_and_checks_everything_once(pg_store: StateStore, record: str) -> None:
     pg_store.upsert_patients([PatientRecord("OLD")])
     pg_store.upsert_studies([StudyRecord("1.2.3", "OLD")])
     with pg_store.engine.begin() as conn:  # the schema before incremental discovery
         conn.exec_driver_sql("DROP TABLE discovery_watermarks")
+        if record == "none":  # schema.sql before schema_applied
+            conn.exec_driver_sql("DROP TABLE schema_applied")
+        else:
+            conn.exec_driver_sql("UPDATE schema_applied SET sha256 = 'an older text'")
         for table, column in (("patients", "related_studies"), ("patients", "related_series"), ("patients", "related_instances"),
                               ("patients", "studies_outdated_at"), ("studies", "related_series"),
                               ("studies", "related_instances"), ("studies", "series_outdated_at")):  # fmt: skip
