@@ -355,11 +355,11 @@ def test_sync_survives_repeated_kill_9(tmp_path: Path, pg_url: str) -> None:
 # ------------------------------------------------------------------------------------------
 # 2. Periodic network resets during retrieval
 
-DROP_EVERY_S = 1.0
+DROP_EVERY_S = 0.4
 
 
 def test_sync_completes_through_periodic_drops(tmp_path: Path, pg_url: str) -> None:
-    cohort = _cohort(tmp_path / "pacs", patients=3, series=3, slices=20, size=256, seed=12)
+    cohort = _cohort(tmp_path / "pacs", patients=3, series=3, slices=40, size=256, seed=12)
     receiver_port = free_port()
     with DevPacs(
         tmp_path / "pacs", move_destinations={RECEIVER_AE: ("127.0.0.1", receiver_port)}, drop_every_s=DROP_EVERY_S
