@@ -19,7 +19,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import sqlalchemy as sa
 import yaml
@@ -112,8 +112,11 @@ def dicom_assets_command() -> str:
     return str(Path(sys.executable).parent / "dicom-assets")
 
 
-def run_project_variant(site: Site, variant: ProjectVariant, directory: Path, pg_server_url: str, patient_id_regex: str) -> ProjectResult:
-    """One ``dicom-assets sync`` pass in ``directory`` (fresh state DB and Dagster home)."""
+def run_project_variant(
+    site: Site, variant: ProjectVariant, directory: Path, pg_server_url: str, patient_id_regex: str, wrap: Sequence[str] = ()
+) -> ProjectResult:
+    """One ``dicom-assets sync`` pass in ``directory`` (fresh state DB and Dagster home);
+    ``wrap``: a command the sync runs under (a profiler)."""
     directory.mkdir(parents=True, exist_ok=True)
     dagster_home = directory / "dagster_home"
     dagster_home.mkdir(exist_ok=True)
@@ -123,7 +126,7 @@ def run_project_variant(site: Site, variant: ProjectVariant, directory: Path, pg
         config = write_config(directory, site, variant, database_url, patient_id_regex)
         env = environment(TCP_NODELAY=None, DAGSTER_HOME=str(dagster_home), DICOM_ASSETS_CONFIG=None)
         usage = run_child(
-            [dicom_assets_command(), "sync", "--config", str(config), "--no-progress", "--json-summary", str(summary_file)],
+            [*wrap, dicom_assets_command(), "sync", "--config", str(config), "--no-progress", "--json-summary", str(summary_file)],
             directory / "sync.log", env, cwd=directory, timeout_s=SYNC_TIMEOUT_S,
         )  # fmt: skip
     if not summary_file.is_file():

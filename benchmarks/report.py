@@ -200,6 +200,31 @@ def _retrieval_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _profile_section(profile: dict[str, Any]) -> list[str]:
+    """Where the one-association C-MOVE's time went (benchmarks/profile.py)."""
+    head = ["### Where one association's time goes (C-MOVE, 1 assoc, sampled by py-spy)", ""]
+    if profile.get("status") != "ok":
+        return head + [f"{profile.get('status', 'not run')}: {profile.get('reason', '')}"]
+    rate, instances = profile["samples_per_s"], profile.get("instances") or 0
+    lines = head + [
+        f"The profiled run: {_num(profile.get('mb_per_s'), 1)} MB/s, {instances:,} instances in {_num(profile.get('seconds'), 2)} s "
+        "(py-spy slows it a little). Shares of each thread's wall time, idle included; ms per instance = that time / instances.",
+        "",
+    ]
+    for thread, caption in (("receiving", "receiving thread (storage SCP association)"), ("requesting", "requesting thread (C-MOVE)")):
+        counts: dict[str, int] = profile.get(thread) or {}
+        total = sum(counts.values())
+        if not total:
+            continue
+        rows = sorted(counts.items(), key=lambda kv: -kv[1])
+        lines += _table(
+            [caption, "share", "s", "ms per instance"],
+            ([name, f"{n / total:.0%}", _num(n / rate, 2), _num(n / rate * 1000 / instances, 2) if instances else NOT_MEASURED] for name, n in rows),
+        )
+        lines.append("")
+    return lines
+
+
 def _archiving_section(archiving: dict[str, Any]) -> list[str]:
     if archiving.get("status") == "failed":
         return [f"**FAILED**: {archiving.get('reason', '')}"]
@@ -278,6 +303,8 @@ def render_markdown(results: dict[str, Any]) -> str:
         "one series-level C-MOVE per series, and one `getscu +B` per series (DCMTK 3.6.7's getscu crashes after several queries in one "
         "association); seconds are wall time of the SCU side, CPU and RSS cover both processes; \"Nagle on\" means no `TCP_NODELAY` "
         "in DCMTK's environment (its default).",
+        "",
+        *_profile_section(results.get("retrieval_profile") or {"status": "not run", "reason": "not in this run"}),
         "",
         "## 2. Archiving",
         "",

@@ -40,6 +40,7 @@ from benchmarks import dcmtk, external, machine, report  # noqa: E402
 from benchmarks.archiving import run_archiving  # noqa: E402
 from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
 from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E402
+from benchmarks.profile import profile_one_association  # noqa: E402
 from benchmarks.project import ProjectVariant, run_project_variant  # noqa: E402
 from benchmarks.results import REFERENCE_KEY, RetrievalRow, archiving_dict, dcmtk_row, project_row  # noqa: E402
 from dicom_assets.config import PacsSettings  # noqa: E402
@@ -160,6 +161,20 @@ def run_retrieval(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, 
     return rows
 
 
+def _profile(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, log: Callable[[str], None]) -> dict[str, Any]:
+    """The one-association C-MOVE sync once more, under py-spy (benchmarks/profile.py)."""
+    if quick:
+        return _not_run("--quick")
+    log("profile: dicom-assets sync c-move, 1 assoc, under py-spy")
+    try:
+        result = profile_one_association(site, base / "profile-c-move-1", pg, "^" + cohort.spec.patient_id_prefix)
+    except Exception as exc:  # noqa: BLE001 - the profile explains a figure; it must not cost the run
+        traceback.print_exc()
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    log(f"profile: {result.get('status')} {result.get('mb_per_s', '')} MB/s under py-spy")
+    return result
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 
@@ -251,6 +266,7 @@ def run(args: argparse.Namespace) -> int:
         site = _load_site(run_dir, cohorts.retrieval, results, log)
         try:
             rows = run_retrieval(site, cohorts.retrieval, run_dir / "retrieval", pg, args.quick, failures, log)
+            results["retrieval_profile"] = _profile(site, cohorts.retrieval, run_dir / "retrieval", pg, args.quick, log)
         finally:
             _stop_site(site)
         results["retrieval"] = [r.as_dict() for r in rows]

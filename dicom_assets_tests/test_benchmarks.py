@@ -20,7 +20,7 @@ from dicom_assets_tests.orthanc import require_orthanc
 
 pytestmark = pytest.mark.timeout(240)
 
-SECTIONS = ("## Targets", "## 1. Retrieval", "## 2. Archiving", "## 3. Discovery", "## 4. Scale")
+SECTIONS = ("## Targets", "## 1. Retrieval", "### Where one association's time goes", "## 2. Archiving", "## 3. Discovery", "## 4. Scale")
 QUICK_VARIANTS = {
     "dcmtk-move-nodelay", "dcmtk-get-nodelay", "dcmtk-move-nagle", "dcmtk-get-nagle",
     "project-c-move-2", "project-c-get-2",
@@ -68,3 +68,25 @@ def test_quick_benchmark_writes_every_section_and_every_variant_gets_every_insta
     assert results["scale"]["status"] == "not run"
     if results.get("chart"):  # matplotlib is a `bench` extra, absent under plain `make test`
         assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_profile_sorts_each_threads_samples_into_what_it_was_doing(tmp_path: Path) -> None:
+    from benchmarks.profile import OTHER, summarize
+
+    serve = "thread (1): storage-scp-1;Thread.run (threading.py:982);StorageReceiver._serve (receiver.py:438)"
+    move = "thread (2): retrieve_0;_retrieve_with_retries (retrieval.py:440);PacsSession.move (client.py:582)"
+    raw = tmp_path / "py-spy.txt"
+    raw.write_text("\n".join([
+        f"{serve};Association.messages (upper_layer.py:220);_Buffered.exact (upper_layer.py:88);_Buffered._fill (upper_layer.py:78) 30",
+        f"{serve};IncomingInstance._open_file (receiver.py:221) 5",
+        f"{serve};IncomingInstance._open_file (receiver.py:222);IncomingInstance._append (receiver.py:231) 7",
+        f"{serve};routing_uids (routing.py:116) 2",
+        f"{move};RequestorAssociation.send_c_move (requestor.py:188);_Buffered._fill (upper_layer.py:78) 40",
+        f"{move};StateStore.finish_series (state.py:600);Cursor.execute (cursor.py:113) 3",
+        "thread (3): MainThread;Future.result (_base.py:451) 99",
+    ]))  # fmt: skip
+    found = summarize(raw)
+    assert found["receiving"] == {
+        "waiting for the PACS's bytes": 30, "creating instance files": 5, "writing instance files": 7, OTHER: 2,
+    }  # fmt: skip
+    assert found["requesting"] == {"waiting for C-MOVE responses": 40, "state DB (claims, results)": 3}
