@@ -2,7 +2,7 @@
 
 The bundled PACS resets every association above N requests per window, like the site's PACS; the
 three syncs (own Dagster instances, one config: one PostgreSQL state DB, one PACS) each have
-``pacs.max_requests_per_minute: N``. Only a budget shared across processes keeps the PACS under
+``pacs.max_requests_per_minute: N - 1``. Only a budget shared across processes keeps the PACS under
 N: each sync alone sends more than N requests in a window. A 2-second window
 (``DICOM_ASSETS_BUDGET_WINDOW_S`` for the syncs, ``window_s`` for the PACS) keeps it fast.
 C-GET, so the three processes need no C-MOVE receiver port each.
@@ -23,9 +23,28 @@ from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import small_cohort
 
-N = 10  # requests per window, for the PACS and for the budget
+N = 10  # requests per window above which the PACS resets
+#: The syncs' budget: one under the PACS's limit, as a site would set it. The bundled PACS counts a
+#: request when its handler runs, in this test's process; on a loaded 2-core machine (three syncs
+#: starting Dagster, PostgreSQL, the PACS) its handlers sometimes run a backlog in a burst, and it
+#: once counted 11 requests in a 2 s window that the shared budget had spread over 3 s.
+BUDGET = N - 1
 WINDOW_S = 2.0
 SYNCS = 3
+
+
+def _not_complete(url: str) -> str:
+    """The state DB's word on series that did not complete (for a failure message)."""
+    store = StateStore(url)
+    try:
+        with store.engine.connect() as conn:
+            rows = conn.exec_driver_sql(
+                "SELECT series_instance_uid, download_status, attempts, claimed_by, last_error FROM series "
+                "WHERE download_status <> 'complete'"
+            ).all()
+    finally:
+        store.dispose()
+    return "\nnot complete in the state DB:\n" + "\n".join(map(str, rows))
 
 
 def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> None:
@@ -35,7 +54,7 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
     with DevPacs(tmp_path / "pacs", reset_above_per_minute=N, window_s=WINDOW_S) as pacs:
         config = {
             "pacs": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": "DEVPACS", "retrieve_method": "c-get",
-                     "max_requests_per_minute": N, "timeout_s": 10, "straggler_timeout_s": 1},
+                     "max_requests_per_minute": BUDGET, "timeout_s": 10, "straggler_timeout_s": 1},
             "receiver": {"ae_title": "DICOM_ASSETS", "bind_address": "127.0.0.1", "port": free_port()},
             "selection": {"patient_id_regex": "^PAT"},
             "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
@@ -61,8 +80,9 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
         served, peak, resets = pacs.requests_served, pacs.peak_requests_per_minute, pacs.resets_triggered
         by_kind = pacs.requests_by_kind()
 
+    seen = f"\nthe PACS: {resets} reset(s), peak {peak} requests in {WINDOW_S} s"
     for proc, (out, err) in zip(procs, outputs):
-        assert proc.returncode == 0, out[-2000:] + err[-4000:]
+        assert proc.returncode == 0, out[-2000:] + err[-4000:] + _not_complete(pg_url) + seen
     assert resets == 0, f"the PACS reset its associations {resets} time(s); peak {peak} in {WINDOW_S} s"
     assert peak <= N
     assert served > 3 * N  # far more than one window's worth: the budget had to spread them out
