@@ -13,6 +13,8 @@ c. retrieval variants, each into an empty directory, checked file by file count:
    ``movescu``+``storescp`` and ``getscu`` with ``TCP_NODELAY=1`` (the reference), the project's
    ``dicom-assets sync`` with C-MOVE and C-GET at the default and at other association counts
    (fresh PostgreSQL state DB each), then DCMTK again with Nagle on (its default);
+   then the one-association C-MOVE sync once more under py-spy (``benchmarks/profile.py``: where
+   its time goes, the profile behind the one-association target);
 d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
 e. discovery and scale, each in a child process (``benchmarks/external.py``);
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
