@@ -166,6 +166,13 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def is_stale_temp(name: str) -> bool:
+    """A hidden ``.part`` file named by :func:`temp_token` whose writer, a process on this host,
+    is dead (another host's temp files cannot be judged from here)."""
+    match = _STALE_TEMP.match(name)
+    return bool(match) and match["host"] == _HOST and not pid_alive(int(match["pid"]))
+
+
 def remove_stale_temps(directory: Path) -> int:
     """Delete hidden ``.part`` files left in ``directory`` by dead writers on this host.
 
@@ -178,8 +185,7 @@ def remove_stale_temps(directory: Path) -> int:
     except (FileNotFoundError, NotADirectoryError):
         return 0
     for entry in entries:
-        match = _STALE_TEMP.match(entry.name)
-        if match and match["host"] == _HOST and not pid_alive(int(match["pid"])):
+        if is_stale_temp(entry.name):
             try:
                 os.unlink(entry.path)
                 removed += 1

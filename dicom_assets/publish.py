@@ -18,7 +18,6 @@ import hashlib
 import os
 import posixpath
 import re
-import secrets
 import shlex
 import subprocess
 import time
@@ -71,8 +70,10 @@ class Destination(Protocol):
 
 
 def _temp_name(file_name: str) -> str:
-    """Hidden, unique per attempt, never matching an archive pattern (so never taken as a zip)."""
-    return f".{file_name}.{secrets.token_hex(6)}.part"
+    """Hidden, unique per attempt, never matching an archive pattern (so never taken as a zip).
+    It names this host and process (``layout.temp_token``): the copy of a process killed midway is
+    removed by the patient's next publish (``remove_superseded``)."""
+    return f".{file_name}.{layout.temp_token()}.part"
 
 
 # --- a mounted directory ------------------------------------------------------------------------
@@ -131,12 +132,15 @@ class DirectoryDestination:
 
     def remove_superseded(self, patient_id: str, delimiter: str, current: str) -> tuple[str, ...]:
         pattern = layout.archive_pattern(patient_id, delimiter)
+        temps = _temp_prefix(patient_id, delimiter)
         removed = []
         try:
             for entry in self.directory.iterdir():
                 if entry.name != current and pattern.match(entry.name) and entry.is_file():
                     entry.unlink()
                     removed.append(entry.name)
+                elif entry.name.startswith(temps) and layout.is_stale_temp(entry.name):
+                    entry.unlink(missing_ok=True)  # a copy of ours killed midway
         except OSError as exc:
             raise PublishError(f"cannot remove superseded copies at {self.directory}: {exc.strerror or exc}") from exc
         return tuple(sorted(removed))
@@ -252,15 +256,24 @@ class RsyncDestination:
         # exact pattern then decides, as for a directory (key "P1" must not take "P1_X"'s zips).
         pattern = layout.archive_pattern(patient_id, delimiter)
         glob = _glob_literal(layout.patient_key(patient_id) + delimiter) + "*.zip"
+        temps = _temp_prefix(patient_id, delimiter)
         try:
-            found = self._remote("find", self._directory, "-maxdepth", "1", "-type", "f", "-name", glob)
+            found = self._remote(
+                "find", self._directory, "-maxdepth", "1", "-type", "f", "(", "-name", glob, "-o", "-name", f".{glob}.*.part", ")"
+            )  # fmt: skip
             names = sorted({posixpath.basename(line) for line in found.splitlines() if line})
             stale = [n for n in names if n != current and pattern.match(n)]
-            if stale:
-                self._remote("rm", "-f", "--", *(posixpath.join(self._directory, n) for n in stale))
+            killed = [n for n in names if n.startswith(temps) and layout.is_stale_temp(n)]  # copies of ours killed midway
+            if stale or killed:
+                self._remote("rm", "-f", "--", *(posixpath.join(self._directory, n) for n in stale + killed))
         except PublishError as exc:
             raise PublishError(f"cannot remove superseded copies at {self.target}: {exc}") from exc
         return tuple(stale)
+
+
+def _temp_prefix(patient_id: str, delimiter: str) -> str:
+    """How the temp names of this patient's archive copies begin (see :func:`_temp_name`)."""
+    return "." + layout.patient_key(patient_id) + delimiter
 
 
 def _glob_literal(text: str) -> str:

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import pytest
 
+from dicom_assets import layout
 from dicom_assets.archive import build_patient_archive
 from dicom_assets.config import ConfigError, settings_from_dict
 from dicom_assets.publish import (
@@ -36,6 +37,20 @@ from dicom_assets_tests.conftest import free_port, require_service
 from dicom_assets_tests.test_archive import _add_series, _patient
 
 SSHD = "/usr/sbin/sshd"
+
+
+def _killed_copies(directory: Path, file_name: str, other_patients_zip: str) -> tuple[list[str], list[str]]:
+    """Temp copies as a publish leaves them: (killed midway on this host, still being written or
+    another patient's). The first must go at the patient's next publish, the others stay."""
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid names a dead writer
+    dead_pid = finished.pid
+    host = layout.temp_token().split("~")[0]
+    killed = [f".{file_name}.{host}~{dead_pid}~0badc0de.part"]
+    kept = [f".{file_name}.{host}~{os.getpid()}~0badc0de.part", f".{other_patients_zip}.{host}~{dead_pid}~0badc0de.part"]
+    for name in killed + kept:
+        (directory / name).write_bytes(b"partial")
+    return killed, kept
 
 
 def _sha(path: Path) -> str:
@@ -67,9 +82,10 @@ def test_publish_copy_verify_supersede_and_retry(store: StateStore, tmp_path: Pa
 
     _add_series(store, downloads, "P/1", study, f"{study}.9", 2)
     second = build_patient_archive(store, downloads, archives, "P/1")
+    killed, kept = _killed_copies(site, second.file_name, "P2__seriesCount1.zip")
     newer = publish_patient_archive(store, archives, share, "P/1")
     assert newer.copied and newer.removed_superseded == (first.file_name,)
-    assert sorted(p.name for p in site.iterdir()) == [second.file_name]
+    assert sorted(p.name for p in site.iterdir()) == sorted([second.file_name, *kept])  # killed copy gone
 
 
 def _flip_last_byte(path: Path) -> bytes:
@@ -228,9 +244,10 @@ def test_publish_over_ssh_copy_verify_supersede(pg_store: StateStore, tmp_path: 
 
     _add_series(store, downloads, "P%1", study, f"{study}.9", 2)
     second = build_patient_archive(store, downloads, archives, "P%1")
+    killed, kept = _killed_copies(ssh_site.directory, second.file_name, other.file_name)
     newer = publish_patient_archive(store, archives, site, "P%1")
     assert newer.copied and newer.removed_superseded == (first.file_name,)
-    assert _listing(ssh_site.directory) == sorted([second.file_name, other.file_name])  # P2's copy kept
+    assert _listing(ssh_site.directory) == sorted([second.file_name, other.file_name, *kept])  # P2's copy kept
     assert _sha(ssh_site.directory / second.file_name) == second.sha256
 
 
