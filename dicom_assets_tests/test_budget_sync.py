@@ -85,7 +85,7 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
         assert proc.returncode == 0, out[-2000:] + err[-4000:] + _not_complete(pg_url) + seen
     assert resets == 0, f"the PACS reset its associations {resets} time(s); peak {peak} in {WINDOW_S} s"
     assert peak <= N
-    assert served > 3 * N  # far more than one window's worth: the budget had to spread them out
+    assert served > 2 * N  # several windows' worth (the later syncs may discover incrementally): spread out
     assert elapsed >= (served // N - 1) * WINDOW_S
 
     store = StateStore(pg_url)
