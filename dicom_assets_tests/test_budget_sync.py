@@ -2,9 +2,10 @@
 
 The bundled PACS resets every association above N requests per window, like the site's PACS; the
 three syncs (own Dagster instances, one config: one PostgreSQL state DB, one PACS) each have
-``pacs.max_requests_per_minute: N - 1``. Only a budget shared across processes keeps the PACS under
-N: each sync alone sends more than N requests in a window. A 2-second window
-(``DICOM_ASSETS_BUDGET_WINDOW_S`` for the syncs, ``window_s`` for the PACS) keeps it fast.
+``pacs.max_requests_per_minute: N - 1`` over a window twice the PACS's. Only a budget shared
+across processes keeps the PACS under N: the three syncs together send far more than N requests.
+Short windows (2 s for the PACS's ``window_s``, 4 s through ``DICOM_ASSETS_BUDGET_WINDOW_S`` for
+the syncs) keep it fast.
 C-GET, so the three processes need no C-MOVE receiver port each.
 """
 
@@ -24,12 +25,14 @@ from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import small_cohort
 
 N = 10  # requests per window above which the PACS resets
-#: The syncs' budget: one under the PACS's limit, as a site would set it. The bundled PACS counts a
-#: request when its handler runs, in this test's process; on a loaded 2-core machine (three syncs
-#: starting Dagster, PostgreSQL, the PACS) its handlers sometimes run a backlog in a burst, and it
-#: once counted 11 requests in a 2 s window that the shared budget had spread over 3 s.
+#: The syncs' budget: 9 requests per 4 s window (5 s with the budget's 1 s margin) against the
+#: PACS's 10 per 2 s: a site leaves such headroom too. The bundled PACS counts a request when its
+#: handler runs, in this test's process; on a loaded 2-core machine (three syncs starting Dagster,
+#: PostgreSQL, the PACS) its handlers sometimes run a backlog in a burst, and with the budget at
+#: 10 per 2 s (3 s with the margin) it counted 11 in one of its windows.
+WINDOW_S = 2.0  # the PACS's window
 BUDGET = N - 1
-WINDOW_S = 2.0
+BUDGET_WINDOW_S = 2 * WINDOW_S
 SYNCS = 3
 
 
@@ -67,7 +70,7 @@ def test_three_syncs_stay_within_the_pacs_limit(tmp_path: Path, pg_url: str) -> 
             home = tmp_path / f"dagster_home_{i}"
             home.mkdir()
             (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-            env = {**os.environ, "DAGSTER_HOME": str(home), WINDOW_ENV_VAR: str(WINDOW_S)}
+            env = {**os.environ, "DAGSTER_HOME": str(home), WINDOW_ENV_VAR: str(BUDGET_WINDOW_S)}
             procs.append(
                 subprocess.Popen(
                     [sys.executable, "-m", "dicom_assets.cli", "sync", "--config", str(config_path), "--no-progress"],
