@@ -6,6 +6,8 @@ from pathlib import Path
 import struct
 from typing import Any
 
+import yaml
+
 from dicom_assets.config import Settings, settings_from_dict
 from dicom_assets.devpacs import CohortSpec, CohortSummary, generate_cohort
 from dicom_assets.pacs import upper_layer as ul
@@ -21,6 +23,20 @@ def small_cohort(directory: Path, patient_ids: tuple[str, ...] = HOSTILE_PATIENT
         rows=32, columns=32, patient_ids=patient_ids, seed=3,
     )
     return generate_cohort(directory, spec)
+
+
+def offline_config(path: Path, database_url: str | None = None, report_dir: str = "reports", **sections: Any) -> Path:
+    """Write a config whose PACS nobody answers (127.0.0.1:1), for tests of the Dagster layer and
+    the CLI that never talk to it; ``sections`` are added as they are (``schedules``, ``heartbeats``)."""
+    raw: dict[str, Any] = {
+        "pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
+        "paths": {"download_dir": "dl", "archive_dir": "zips", "report_dir": report_dir},
+        **sections,
+    }
+    if database_url is not None:
+        raw["database"] = {"url": database_url}
+    path.write_text(yaml.safe_dump(raw))
+    return path
 
 
 def make_settings(tmp_path: Path, pacs_port: int, receiver_port: int, db_url: str, **pacs: Any) -> Settings:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-import yaml
 
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET, patients_backfill_policy
+from dicom_assets_tests.pacs_fixtures import offline_config
 
 PATIENTS = 2_000
 
@@ -56,12 +56,7 @@ def _backfill_runs(instance: dg.DagsterInstance, asset: str, partition_keys: lis
 def test_a_backfill_of_2000_patients_is_10_runs_of_200(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-        "paths": {"download_dir": "dl", "archive_dir": "zips", "report_dir": "reports"},
-        "database": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
-    }))
+    config = offline_config(tmp_path / "config.yaml", f"sqlite:///{tmp_path / 'state.sqlite'}")
     monkeypatch.setenv("DICOM_ASSETS_CONFIG", str(config))
     keys = [f"PAT{i:05d}" for i in range(PATIENTS)]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from dicom_assets_tests.pacs_fixtures import offline_config
+
 CLI = [sys.executable, "-m", "dicom_assets.cli"]
 
 
@@ -26,10 +28,7 @@ def test_config_error_exits_2_and_names_the_key(tmp_path: Path) -> None:
 
 
 def test_status_on_an_empty_state_db(tmp_path: Path) -> None:
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "X"},
-                                      "paths": {"download_dir": "a", "archive_dir": "b", "report_dir": "c"},
-                                      "database": {"url": "sqlite:///state.sqlite"}}))
+    config = offline_config(tmp_path / "c.yaml", "sqlite:///state.sqlite")
     done = _run(["status"], tmp_path, env={"DICOM_ASSETS_CONFIG": str(config)})
     assert done.returncode == 0, done.stderr
     assert "complete" in done.stdout and "patients     0" in done.stdout

@@ -9,10 +9,10 @@ from typing import Iterator
 
 import dagster as dg
 import pytest
-import yaml
 
 from dicom_assets.heartbeat import ping, redact
 from dicom_assets_tests.conftest import free_port
+from dicom_assets_tests.pacs_fixtures import offline_config
 
 
 class _Recorder(http.server.BaseHTTPRequestHandler):
@@ -51,14 +51,10 @@ def test_ping_paths_and_failures_never_raise(checks_server) -> None:
 
 
 def _config(tmp_path: Path, base: str, report_dir: Path) -> Path:
-    path = tmp_path / "config.yaml"
-    path.write_text(yaml.safe_dump({
-        "pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-        "paths": {"download_dir": "dl", "archive_dir": "zips", "report_dir": str(report_dir)},
-        "database": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
-        "heartbeats": {"inventory": f"{base}/inv-check"},
-    }))
-    return path
+    return offline_config(
+        tmp_path / "config.yaml", f"sqlite:///{tmp_path / 'state.sqlite'}", str(report_dir),
+        heartbeats={"inventory": f"{base}/inv-check"},
+    )  # fmt: skip
 
 
 def _evaluate(sensor_name: str, instance, run, resources) -> None:  # noqa: ANN001
@@ -106,10 +102,7 @@ def test_no_heartbeat_configured_is_a_skip(tmp_path: Path) -> None:
     from dicom_assets import defs
     from dicom_assets.defs.heartbeats.sensors import check_of_run
 
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-                                      "paths": {"download_dir": "a", "archive_dir": "b", "report_dir": str(tmp_path / "r")},
-                                      "database": {"url": f"sqlite:///{tmp_path / 's.sqlite'}"}}))
+    config = offline_config(tmp_path / "c.yaml", f"sqlite:///{tmp_path / 's.sqlite'}", str(tmp_path / "r"))
     from dicom_assets.defs.resources import DicomAssetsResource
 
     with dg.instance_for_test() as instance:

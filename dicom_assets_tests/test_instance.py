@@ -14,7 +14,8 @@ from pathlib import Path
 import dagster as dg
 import pytest
 import sqlalchemy as sa
-import yaml
+
+from dicom_assets_tests.pacs_fixtures import offline_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,12 +24,7 @@ def test_production_instance_runs_a_materialization_on_postgresql(production_dag
                                                                    pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from dicom_assets import defs
 
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-        "paths": {"download_dir": "dl", "archive_dir": "zips", "report_dir": "reports"},
-        "database": {"url": f"sqlite:///{tmp_path / 'state.sqlite'}"},
-    }))
+    config = offline_config(tmp_path / "config.yaml", f"sqlite:///{tmp_path / 'state.sqlite'}")
     monkeypatch.setenv("DICOM_ASSETS_CONFIG", str(config))
 
     with dg.DagsterInstance.get() as instance:

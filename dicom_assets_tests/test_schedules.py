@@ -8,19 +8,15 @@ import sys
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
+from dicom_assets_tests.pacs_fixtures import offline_config
 
 
 def test_cron_strings_come_from_the_config(tmp_path: Path) -> None:
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-        "paths": {"download_dir": "a", "archive_dir": "b", "report_dir": "c"},
-        "schedules": {"discovery": "15 3 * * *", "retrieval": "*/20 * * * *", "inventory": "0 7 * * 1",
-                      "timezone": "Europe/Zurich"},
-    }))
+    config = offline_config(tmp_path / "config.yaml", schedules={
+        "discovery": "15 3 * * *", "retrieval": "*/20 * * * *", "inventory": "0 7 * * 1", "timezone": "Europe/Zurich",
+    })  # fmt: skip
     code = ("import dicom_assets; r = dicom_assets.defs.get_repository_def(); "
             "print(sorted((s.name, s.cron_schedule, s.execution_timezone) for s in r.schedule_defs))")
     done = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DICOM_ASSETS_CONFIG": str(config)},

@@ -6,10 +6,10 @@ import time
 from pathlib import Path
 
 import dagster as dg
-import yaml
 
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
 from dicom_assets.store import PatientRecord, StateStore
+from dicom_assets_tests.pacs_fixtures import offline_config
 
 
 def test_new_patients_registers_partitions_and_requests_chunked_runs(tmp_path: Path, pg_url: str, capsys) -> None:  # noqa: ANN001
@@ -19,10 +19,7 @@ def test_new_patients_registers_partitions_and_requests_chunked_runs(tmp_path: P
     store = StateStore(pg_url)
     store.create_schema()
     store.upsert_patients(PatientRecord(patient_id=f"PAT/{i:05d}") for i in range(20_000))
-    config = tmp_path / "c.yaml"
-    config.write_text(yaml.safe_dump({"pacs": {"host": "127.0.0.1", "port": 1, "called_ae_title": "PACS"},
-                                      "paths": {"download_dir": "a", "archive_dir": "b", "report_dir": "c"},
-                                      "database": {"url": pg_url}}))
+    config = offline_config(tmp_path / "c.yaml", pg_url)
     resources = {"dicom": DicomAssetsResource(config_path=str(config))}
     sensor = defs.get_sensor_def("new_patients")
     with dg.instance_for_test() as instance:
