@@ -166,9 +166,9 @@ class SeriesRetriever:
                     expected = len(uids)
                     missing = [u for u in uids if u not in on_disk]
                     if on_disk and not missing:
-                        return self._outcome(series, directory, started, "complete", None), expected
+                        return self._outcome(series, directory, started, "complete", None, files=on_disk), expected
             elif len(on_disk) >= expected:
-                return self._outcome(series, directory, started, "complete", None), expected
+                return self._outcome(series, directory, started, "complete", None, files=on_disk), expected
             try:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -182,11 +182,12 @@ class SeriesRetriever:
                     lambda: before + flight.received >= (expected or 0) and bool(expected),
                     self.settings.pacs.straggler_timeout_s,
                 )
-            status, error = self._judge(final, directory, expected, flight)
+            files = _on_disk(directory)
+            status, error = self._judge(final, len(files), expected, flight)
             return (
                 self._outcome(
                     series, directory, started, status, error, flight.bytes,
-                    transient=final.transient and not flight.last_error, storage_errno=flight.last_errno,
+                    transient=final.transient and not flight.last_error, storage_errno=flight.last_errno, files=files,
                 ),
                 expected,
             )  # fmt: skip
@@ -230,12 +231,11 @@ class SeriesRetriever:
         )  # fmt: skip
 
     @staticmethod
-    def _judge(final: RetrieveStatus, directory: Path, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:
+    def _judge(final: RetrieveStatus, have: int, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:
         """Complete only if the final is Success/Warning and every expected instance is on disk.
 
         With the expected count unknown, only a clean Success (no failed sub-operation) counts.
         """
-        have = len(_on_disk(directory))
         if flight.last_error:
             return "incomplete", flight.last_error
         if final.status != 0x0000 and not final.is_warning:
@@ -259,8 +259,11 @@ class SeriesRetriever:
         received: int = 0,
         transient: bool = False,
         storage_errno: int | None = None,
+        files: dict[str, int] | None = None,
     ) -> SeriesOutcome:
-        files = _on_disk(directory)
+        """``files``: the series directory's listing when the caller has just made it."""
+        if files is None:
+            files = _on_disk(directory)
         return SeriesOutcome(
             series_instance_uid=series.series_instance_uid,
             status=status,
