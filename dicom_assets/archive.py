@@ -22,9 +22,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Iterator, Sequence
 
-from dicom_assets import layout
+from dicom_assets import layout, stopping
 from dicom_assets.store.records import ArchiveRecord, SeriesState
 from dicom_assets.store.state import StateStore
 from dicom_assets.zipwriter import write_zip
@@ -123,10 +123,18 @@ def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequen
 def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> str:
     """Write the members into a new zip at ``path`` (parallel deflate), fsync it; returns its SHA-256."""
     with open(path, "xb") as fileobj:
-        sha256 = write_zip(fileobj, ((m.path, m.arcname) for m in members), compression_level, threads=_THREADS)
+        sha256 = write_zip(fileobj, _unless_stopped(members), compression_level, threads=_THREADS)
         fileobj.flush()
         os.fsync(fileobj.fileno())
     return sha256
+
+
+def _unless_stopped(members: Sequence[_Member]) -> Iterator[tuple[Path, str]]:
+    """The members to write; a stop request (SIGTERM) ends the zip between two members (the
+    caller removes the temp file, the previous zip stays)."""
+    for member in members:
+        stopping.PROCESS.check()
+        yield member.path, member.arcname
 
 
 def verify_archive(path: Path, expected: dict[str, int]) -> None:

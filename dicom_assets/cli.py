@@ -50,8 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write the pass's figures (retrieval seconds/bytes/instances, status counts, runs) as JSON to PATH",
     )  # fmt: skip
 
-    status = sub.add_parser("status", help="series by download status, patients archived / pending")
+    status = sub.add_parser("status", help="series by download status, patients archived / pending, the PACS's request rate")
     status.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
+
+    retry = sub.add_parser(
+        "retry", help="make given-up series claimable again (their attempts reset to 0); the next sync fetches them",
+    )  # fmt: skip
+    retry.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
+    retry.add_argument("--failed", action="store_true", help="series given up after pacs.max_attempts (status failed)")
+    retry.add_argument("--incomplete", action="store_true", help="also series left incomplete (reset their count)")
+    retry.add_argument("--patient", action="append", default=[], metavar="PATIENT_ID", help="only this patient (repeatable)")
+    retry.add_argument("--series", action="append", default=[], metavar="SERIES_UID", help="only this series (repeatable)")
+    retry.add_argument("--dry-run", action="store_true", help="list what would be reset, change nothing")
 
     pacs = sub.add_parser("pacs", help="the bundled development PACS").add_subparsers(dest="pacs_command", required=True)
     serve = pacs.add_parser("serve", help="serve a folder of DICOM files (C-ECHO, C-FIND, C-MOVE, C-GET)")
@@ -93,7 +103,15 @@ def cmd_sync(args: argparse.Namespace) -> int:
     if args.json_summary and not os.access(args.json_summary.resolve().parent, os.W_OK):
         print(f"--json-summary {args.json_summary}: its directory does not exist or is not writable", file=sys.stderr)
         return 2  # said before the pass, not after an hour of it
-    report = run_sync(args.config, progress=not args.no_progress, full_discovery=args.full_discovery)
+    from dicom_assets import stopping
+
+    report = stopping.run_stoppable(
+        lambda: run_sync(args.config, progress=not args.no_progress, full_discovery=args.full_discovery)
+    )
+    if stopping.PROCESS.requested:
+        print(f"dicom-assets: stopped ({stopping.PROCESS.reason}); nothing downloaded is lost, "
+              f"run the same command again to resume", file=sys.stderr)
+        return stopping.exit_status(stopping.PROCESS.signal_number)
     if args.json_summary:  # machine-readable figures, e.g. for benchmarks/run.py
         import dataclasses
         import json
@@ -122,6 +140,40 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"{status:12} {count}")
     patients = store.patient_counts()
     print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending)")
+    print(f"pacs         {_budget(settings, store).rate().describe()}")
+    return 0
+
+
+def _budget(settings, store):  # type: ignore[no-untyped-def]
+    from dicom_assets.pacs.budget import DatabaseBudget, pacs_key
+
+    p = settings.pacs
+    key = pacs_key(p.host, p.port, p.called_ae_title)
+    return DatabaseBudget(store, key, p.max_requests_per_minute, adaptive=p.adaptive_rate, floor=p.rate_floor)
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """List (and unless --dry-run, reset) the series a sync no longer claims by itself."""
+    from dicom_assets.config import load_settings
+    from dicom_assets.store import StateStore
+
+    statuses = [s for s, wanted in (("failed", args.failed), ("incomplete", args.incomplete)) if wanted]
+    if not statuses:
+        print("dicom-assets retry: say which series: --failed and/or --incomplete", file=sys.stderr)
+        return 2
+    settings = load_settings(args.config)
+    store = StateStore(settings.database.url)
+    store.create_schema()
+    found = store.series_to_retry(statuses, args.patient, args.series)
+    for s in found:
+        print(f"{s.patient_id}\t{s.series_instance_uid}\t{s.download_status}\t{s.downloaded_instances}/"
+              f"{s.expected_instances if s.expected_instances is not None else '?'} instances\t"
+              f"{s.attempts} attempts\t{s.last_error or ''}")
+    if args.dry_run:
+        print(f"{len(found)} series would be made claimable again (dry run: nothing changed)")
+        return 0
+    reset = store.reset_attempts([s.series_instance_uid for s in found])
+    print(f"{reset} series claimable again (attempts reset to 0); run `dicom-assets sync` to fetch them")
     return 0
 
 
@@ -178,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    handlers = {"sync": cmd_sync, "status": cmd_status, "pacs": cmd_pacs, "demo": cmd_demo, "dev": cmd_dev}
+    handlers = {
+        "sync": cmd_sync, "status": cmd_status, "retry": cmd_retry, "pacs": cmd_pacs, "demo": cmd_demo, "dev": cmd_dev,
+    }  # fmt: skip
     try:
         return handlers[args.command](args)
     except ConfigError as exc:

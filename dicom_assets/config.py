@@ -49,12 +49,18 @@ class PacsSettings(_Section):
     max_concurrent_associations: int = Field(2, ge=1, le=32)
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
-    max_attempts: int = Field(5, ge=1, description="attempts per series, counted across runs")
-    wait_for_pacs_s: float = Field(600.0, ge=0, description="how long a run waits for an unreachable PACS")
+    max_attempts: int = Field(
+        5, ge=1, description="attempts per series that brought nothing new and were refused by the PACS, across runs"
+    )
+    wait_for_pacs_s: float = Field(600.0, ge=0, description="how long a run waits out one outage (no progress)")
     retry_initial_s: float = Field(2.0, gt=0, description="first backoff delay (exponential, with jitter)")
     retry_max_s: float = Field(120.0, gt=0, description="longest backoff delay")
     blackout: list[str] = Field(default_factory=list, description='"HH:MM-HH:MM" local time, no new requests')
     max_find_results: int = Field(0, ge=0, description="the PACS's C-FIND result cap (0 = none)")
+    adaptive_rate: bool = Field(True, description="halve the shared request rate when the PACS resets associations")
+    min_requests_per_minute: int | None = Field(
+        None, ge=1, description="the adaptive rate's floor (default: a tenth of max_requests_per_minute)"
+    )
 
     _ae = field_validator("called_ae_title", "calling_ae_title")(_check_ae_title)
 
@@ -69,7 +75,14 @@ class PacsSettings(_Section):
     def _backoff_order(self) -> "PacsSettings":
         if self.retry_max_s < self.retry_initial_s:
             raise ValueError("retry_max_s must be >= retry_initial_s")
+        if self.min_requests_per_minute is not None and self.min_requests_per_minute > self.max_requests_per_minute:
+            raise ValueError("min_requests_per_minute must be <= max_requests_per_minute")
         return self
+
+    @property
+    def rate_floor(self) -> int:
+        """The lowest rate the adaptive budget goes down to (requests per window)."""
+        return self.min_requests_per_minute or max(1, self.max_requests_per_minute // 10)
 
     def blackout_windows(self) -> list[tuple[dtime, dtime]]:
         """The blackout windows as (start, end) local times; end <= start crosses midnight."""

@@ -4,17 +4,26 @@ Workers (``pacs.max_concurrent_associations`` threads, each with its own associa
 series one at a time in the state DB, so concurrent runs never fetch the same series and a
 claim left by a crashed process expires. A series is ``complete`` only when the retrieve's final
 status is success with no failed sub-operation AND every expected instance is on disk;
-otherwise it is ``incomplete`` (something is missing) or ``failed`` (the request failed), with
-the reason and the attempt count recorded. A Warning final (B000) counts as success only when
-every expected instance is on disk.
+otherwise it is ``incomplete`` (something is missing) or ``failed`` (given up), with the reason
+recorded. A Warning final (B000) counts as success only when every expected instance is on disk.
 
-Faults: before claiming anything a worker makes sure the PACS answers (C-ECHO), waiting up to
-``pacs.wait_for_pacs_s`` with backoff, so an outage burns no series attempts. A series whose
-attempt hit a connection fault or an A7xx/C0xx status is retried in the same run after an
-exponential backoff with jitter (every worker holds back meanwhile). Every attempt is counted
-in the state DB; a series that used ``pacs.max_attempts`` attempts ends ``failed`` with its last
-error and is no longer claimed (raise ``pacs.max_attempts`` or reset ``series.attempts`` to
-retry it). A full or read-only download directory stops the run with an error naming the path.
+Attempts measure the series, not the network. A worker keeps at a claimed series while it
+makes progress:
+
+* an attempt that brought new instances to disk is progress: it uses up no attempt, resets the
+  backoff and the series is tried again at once (only its missing instances);
+* an attempt that brought nothing and broke on the connection (reset, refused, timeout, abort)
+  is an outage: it is waited out with a capped backoff for as long as ``pacs.wait_for_pacs_s``
+  allows since the PACS last made progress (:class:`~dicom_assets.pacs.faults.OutageClock`),
+  then the run stops with :class:`~dicom_assets.pacs.errors.PacsUnreachable`, no attempt used;
+* an attempt that brought nothing and ended in an answer of the PACS (A7xx/C0xx, a failed or
+  partial retrieve) is counted in ``series.attempts``; A7xx/C0xx are retried after a backoff
+  (every worker holds back), and after ``pacs.max_attempts`` such attempts the series is
+  ``failed`` ("gave up ...") and no longer claimed (``dicom-assets retry --failed``).
+
+A stop request (SIGTERM/SIGINT, :mod:`dicom_assets.stopping`) ends the workers at once: the
+series in hand goes back unclaimed and uncounted, its partial instance files removed. A full or
+read-only download directory stops the run with an error naming the path.
 """
 
 from __future__ import annotations
@@ -31,18 +40,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt
-
+from dicom_assets import stopping
 from dicom_assets.config import Settings
 from dicom_assets.layout import instances_on_disk, pid_alive, remove_stale_temps, series_dir
-from dicom_assets.pacs.client import (
+from dicom_assets.pacs.client import PacsClient, PacsSession, RetrieveStatus
+from dicom_assets.pacs.faults import Backoff
+from dicom_assets.pacs.errors import (
     MoveDestinationUnknown,
-    PacsClient,
     PacsError,
     PacsRequestFailed,
-    PacsSession,
-    RetrieveStatus,
-    is_transient,
+    PacsUnreachable,
+    is_connection_fault,
     transient_status,
 )
 from dicom_assets.pacs.receiver import DISK_ERRNOS, InFlightRetrieve, InstanceSink, StorageReceiver
@@ -62,19 +70,22 @@ class SeriesOutcome:
     bytes_received: int
     seconds: float
     error: str | None = None
-    transient: bool = False  # a connection fault or an A7xx/C0xx status: worth a retry after backoff
-    attempts: int = 0  # attempts of this series so far, across runs (from the state DB)
+    #: Why it is not complete: "network" (the connection broke), "busy" (A7xx/C0xx: back off and
+    #: retry), "pacs" (the PACS answered and something is still missing), "storage" (local write).
+    fault: str | None = None
+    attempts: int = 0  # attempts without progress refused by the PACS, across runs (state DB)
     storage_errno: int | None = None  # errno of a local write failure (disk full, read-only ...)
+    new_instances: int = 0  # instances this attempt brought to disk: progress
+    answered: bool = False  # the PACS sent the retrieve's final status
+    given_up: bool = False  # pacs.max_attempts attempts without progress: no longer claimed
+
+    @property
+    def progressed(self) -> bool:
+        return self.new_instances > 0
 
 
 class DownloadDirError(RuntimeError):
     """The download directory cannot take files (full, read-only, permission denied): run stops."""
-
-
-class _Transient(Exception):
-    def __init__(self, outcome: SeriesOutcome) -> None:
-        super().__init__(outcome.error)
-        self.outcome = outcome
 
 
 @dataclass
@@ -82,6 +93,7 @@ class RetrievalStats:
     outcomes: list[SeriesOutcome] = field(default_factory=list)
     seconds: float = 0.0
     requests: int = 0
+    connection_faults: int = 0  # connection faults seen by the run's workers (resets, refusals, timeouts)
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -109,6 +121,7 @@ class RetrievalStats:
             "bytes_received": self.bytes_received,
             "bytes_on_disk": self.bytes_on_disk,
             "pacs_requests": self.requests,
+            "connection_faults": self.connection_faults,
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(mb / self.seconds, 3) if self.seconds > 0 else 0.0,
         }
@@ -173,7 +186,7 @@ class SeriesRetriever:
                 directory.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 error = f"cannot create the series directory {directory}: {exc.strerror or exc}"
-                return self._outcome(series, directory, started, "failed", error, storage_errno=exc.errno), expected
+                return self._outcome(series, directory, started, "failed", error, fault="storage", storage_errno=exc.errno), expected
             flight = self.sink.expect(series.patient_id, series.study_instance_uid, series.series_instance_uid)
             final = self._send(series, missing if on_disk and missing else None, flight)
             before = len(on_disk)
@@ -186,19 +199,21 @@ class SeriesRetriever:
             status, error = self._judge(final, len(files), expected, flight)
             return (
                 self._outcome(
-                    series, directory, started, status, error, flight.bytes,
-                    transient=final.transient and not flight.last_error, storage_errno=flight.last_errno, files=files,
+                    series, directory, started, status, error, flight,
+                    fault=_fault_of(status, final, flight), answered=True, files=files,
                 ),
                 expected,
             )  # fmt: skip
-        except MoveDestinationUnknown:
+        except (MoveDestinationUnknown, stopping.Stopped):
             raise
         except PacsError as exc:
-            received = flight.bytes if flight else 0
-            return self._outcome(series, directory, started, "failed", str(exc), received, transient=is_transient(exc)), expected
+            network = is_connection_fault(exc)
+            fault = "network" if network else "busy" if _busy(exc) else "pacs"
+            status = "incomplete" if network else "failed"
+            return self._outcome(series, directory, started, status, str(exc), flight, fault=fault), expected
         except OSError as exc:  # reading the series directory (e.g. a file where a directory must be)
             error = f"cannot read the series directory {directory}: {exc.strerror or exc}"
-            return self._outcome(series, directory, started, "failed", error, storage_errno=exc.errno), expected
+            return self._outcome(series, directory, started, "failed", error, fault="storage", storage_errno=exc.errno), expected
         finally:
             if flight is not None:
                 self.sink.done(flight)
@@ -211,7 +226,7 @@ class SeriesRetriever:
         """The series' SOP Instance UIDs from an IMAGE-level C-FIND; None (count unknown) when the
         PACS refuses IMAGE-level queries. Transient failures propagate (the attempt is retried)."""
         try:
-            return self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
+            uids = self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
         except PacsRequestFailed as exc:
             if transient_status(exc.status):
                 raise
@@ -220,6 +235,10 @@ class SeriesRetriever:
                 "retrieving the whole series with the count unknown", series.series_instance_uid, exc,
             )  # fmt: skip
             return None
+        if not uids:  # a PACS that answers IMAGE-level queries with nothing: it does not know, not "none"
+            log.warning("series %s: the IMAGE-level query listed no instance; count taken as unknown", series.series_instance_uid)
+            return None
+        return uids
 
     def _send(self, series: SeriesState, sop_uids: list[str] | None, flight: InFlightRetrieve) -> RetrieveStatus:
         if self.settings.pacs.retrieve_method == "c-get":
@@ -256,26 +275,45 @@ class SeriesRetriever:
         started: float,
         status: str,
         error: str | None,
-        received: int = 0,
-        transient: bool = False,
+        flight: InFlightRetrieve | None = None,
+        fault: str | None = None,
+        answered: bool = False,
         storage_errno: int | None = None,
         files: dict[str, int] | None = None,
     ) -> SeriesOutcome:
         """``files``: the series directory's listing when the caller has just made it."""
         if files is None:
             files = _on_disk(directory)
+        if flight is not None and flight.last_errno is not None:
+            storage_errno = flight.last_errno
         return SeriesOutcome(
             series_instance_uid=series.series_instance_uid,
             status=status,
             instances=len(files),
             bytes_on_disk=sum(files.values()),
-            bytes_received=received,
+            bytes_received=flight.bytes if flight else 0,
             seconds=time.monotonic() - started,
             error=error,
-            transient=transient,
+            fault=None if status == "complete" else fault,
             attempts=series.attempts,
             storage_errno=storage_errno,
+            new_instances=flight.received if flight else 0,
+            answered=answered,
         )
+
+
+def _busy(exc: PacsError) -> bool:
+    """An A7xx/C0xx answer (e.g. to the IMAGE-level C-FIND): the PACS is busy, back off."""
+    return isinstance(exc, PacsRequestFailed) and transient_status(exc.status)
+
+
+def _fault_of(status: str, final: RetrieveStatus, flight: InFlightRetrieve) -> str | None:
+    """Why a retrieve that got its final status is not complete."""
+    if status == "complete":
+        return None
+    if flight.last_error:
+        return "storage"
+    return "busy" if final.transient else "pacs"
 
 
 def _on_disk(directory: Path) -> dict[str, int]:
@@ -345,9 +383,12 @@ def retrieve_patients(
 ) -> RetrievalStats:
     """Retrieve every retrievable series of these patients with up to N concurrent associations.
 
-    Raises :class:`~dicom_assets.pacs.client.PacsUnreachable` when the PACS did not answer for
+    Raises :class:`~dicom_assets.pacs.errors.PacsUnreachable` when the PACS made no progress for
     ``pacs.wait_for_pacs_s`` (no series attempt burned), :class:`DownloadDirError` when the
-    download directory cannot take files, and MoveDestinationUnknown (A801).
+    download directory cannot take files, MoveDestinationUnknown (A801), and
+    :class:`~dicom_assets.stopping.Stopped` on a stop request. An interrupt in the calling
+    thread (Ctrl-C, Dagster terminating the run) is turned into a stop request, so the workers
+    end within seconds instead of finishing their series.
     """
     started = time.monotonic()
     stats = RetrievalStats()
@@ -361,46 +402,56 @@ def retrieve_patients(
     receiver: StorageReceiver | None = None
     if settings.pacs.retrieve_method == "c-move":
         receiver = StorageReceiver.from_settings(settings).start()
-    try:
+    faults_before = client.outage.faults
 
-        def work() -> None:
-            me = worker_name()
-            sink = receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
-            get_sink = None if receiver else sink
-            try:
-                with client.session(sink=get_sink) as session:
-                    retriever = SeriesRetriever(settings, client, sink, session)
+    def work() -> None:
+        me = worker_name()
+        sink = receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
+        try:
+            with client.session(sink=None if receiver else sink) as session:
+                retriever = SeriesRetriever(settings, client, sink, session)
+                try:
                     while not stop.is_set():
+                        stopping.PROCESS.check()
                         if not session.connected:
                             session.wait_until_reachable()  # an outage burns no attempts
                         series = claims.next(me)
                         if series is None:
                             break
-                        outcome = _retrieve_with_retries(settings, client, store, session, retriever, series, me)
+                        outcome = _settle(settings, client, store, session, retriever, series, me)
                         with lock:
                             stats.outcomes.append(outcome)
                         if on_outcome:
                             on_outcome(outcome)
                         if outcome.storage_errno in DISK_ERRNOS:
                             raise DownloadDirError(f"stopping: {outcome.error}")
+                finally:
                     with lock:
                         stats.requests += session.requests
-            except BaseException:
-                stop.set()
-                raise
+        except BaseException:
+            stop.set()
+            raise
 
-        workers = settings.pacs.max_concurrent_associations
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieve") as pool:
-            for future in [pool.submit(work) for _ in range(workers)]:
-                future.result()
+    workers = settings.pacs.max_concurrent_associations
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieve")
+    try:
+        for future in [pool.submit(work) for _ in range(workers)]:
+            future.result()
+    except BaseException as exc:
+        stop.set()
+        if not isinstance(exc, Exception):  # KeyboardInterrupt, Dagster's interrupt: stop the workers now
+            stopping.PROCESS.request(f"interrupted ({type(exc).__name__})")
+        raise
     finally:
+        pool.shutdown(wait=True)  # quick: the workers saw the stop or the error
         if receiver is not None:
             receiver.stop()
-    stats.seconds = time.monotonic() - started
+        stats.connection_faults = client.outage.faults - faults_before
+        stats.seconds = time.monotonic() - started
     return stats
 
 
-def _retrieve_with_retries(
+def _settle(
     settings: Settings,
     client: PacsClient,
     store: StateStore,
@@ -409,66 +460,107 @@ def _retrieve_with_retries(
     series: SeriesState,
     worker: str,
 ) -> SeriesOutcome:
-    """Attempt a claimed series; after a transient failure back off (exponential, jitter) and
-    claim it again (each claim is one attempt in the state DB) until ``pacs.max_attempts``."""
-    max_attempts = settings.pacs.max_attempts
+    """Attempt a claimed series until it is complete, given up, or left to the next run.
+
+    After each attempt the outcome is recorded (:func:`_record`) and the claim released; to go
+    again the series is claimed again (another worker or run may have it by then). The outcome
+    returned sums what every attempt received.
+    """
+    backoff = client.backoff()
     current = series
-    last: SeriesOutcome | None = None
-
-    def hold(state: RetryCallState) -> None:
-        delay = state.next_action.sleep if state.next_action else 0.0
-        client.gate.hold(delay)  # every worker holds back, not only this one
-        log.warning("series %s: retrying in %.1f s", series.series_instance_uid, delay)
-
-    retrying = Retrying(
-        retry=retry_if_exception_type(_Transient),
-        stop=stop_after_attempt(max_attempts),
-        wait=client.backoff(),
-        sleep=lambda seconds: None,  # the gate hold does the waiting, before the next request
-        before_sleep=hold,
-        reraise=True,
-    )
+    received = new = 0
+    spent = 0.0
     try:
-        for attempt in retrying:
-            with attempt:
-                if attempt.retry_state.attempt_number > 1:
-                    client.gate.wait()
-                    if not session.connected:
-                        session.wait_until_reachable()
-                    again = store.claim_next_series(
-                        [series.patient_id], worker, CLAIM_LEASE_S, only=[series.series_instance_uid],
-                        max_attempts=max_attempts,
-                    )  # fmt: skip
-                    if again is None:  # attempts used up, or another worker/run has it now
-                        assert last is not None
-                        return last
-                    current = again
-                try:
-                    outcome, expected = retriever.retrieve(current)
-                except MoveDestinationUnknown as exc:
-                    store.finish_series(current.series_instance_uid, worker, "failed", 0, 0, error=str(exc))
-                    raise
-                last = _record(store, current, worker, outcome, expected, max_attempts)
-                if last.transient and last.status != "complete" and current.attempts < max_attempts:
-                    raise _Transient(last)
-                return last
-    except _Transient as exc:
-        return exc.outcome
-    assert last is not None
-    return last
+        while True:
+            try:
+                outcome, expected = retriever.retrieve(current)
+            except MoveDestinationUnknown as exc:
+                store.finish_series(current.series_instance_uid, worker, "failed", 0, 0, error=str(exc))
+                raise
+            received, new, spent = received + outcome.bytes_received, new + outcome.new_instances, spent + outcome.seconds
+            if outcome.progressed or outcome.answered:
+                client.outage.progress()
+            outcome = _record(store, current, worker, outcome, expected, settings.pacs.max_attempts)
+            delay = _next_try(client, outcome, backoff)
+            if delay is None:
+                return dataclasses.replace(outcome, bytes_received=received, new_instances=new, seconds=spent)
+            if outcome.fault == "busy":
+                client.gate.hold(delay)  # every worker holds back, not only this one
+            else:
+                client.sleep(delay)
+            client.gate.wait()
+            if not session.connected:
+                session.wait_until_reachable()
+            again = store.claim_next_series(
+                [series.patient_id], worker, CLAIM_LEASE_S, only=[series.series_instance_uid],
+                max_attempts=settings.pacs.max_attempts,
+            )  # fmt: skip
+            if again is None:  # another worker or run has it now
+                return dataclasses.replace(outcome, bytes_received=received, new_instances=new, seconds=spent)
+            current = again
+    except (stopping.Stopped, PacsUnreachable) as exc:
+        why = "stopped" if isinstance(exc, stopping.Stopped) else "the PACS made no progress"
+        if store.release_claim(series.series_instance_uid, worker, f"{why} during its retrieval; resumes next run"):
+            log.info("series %s released untouched (%s)", series.series_instance_uid, why)
+        raise
+
+
+def _next_try(client: PacsClient, outcome: SeriesOutcome, backoff: Backoff) -> float | None:
+    """Seconds to wait before this run tries the series again, or None to leave it.
+
+    Progress: again at once. A connection fault: a backoff delay within the outage's budget
+    (:class:`PacsUnreachable` once it is spent). A7xx/C0xx: a backoff delay (the attempt was
+    counted). Anything else (complete, given up, a PACS answer, a local write error): leave it.
+    """
+    if outcome.status == "complete" or outcome.given_up or outcome.fault == "storage":
+        return None
+    if outcome.progressed:
+        backoff.reset()
+        return 0.0
+    if outcome.fault == "network":
+        client.outage.fault()
+        remaining = client.outage.remaining()
+        if remaining <= 0:
+            raise PacsUnreachable(
+                f"{client.describe()} made no progress for {client.settings.wait_for_pacs_s:g} s "
+                f"(pacs.wait_for_pacs_s): {outcome.error}; no attempt was used, run again when the PACS is back"
+            )
+        return min(backoff.next(), remaining)
+    if outcome.fault == "busy":
+        return backoff.next()
+    return None  # the PACS answered and something is missing: the next run asks again
 
 
 def _record(
     store: StateStore, series: SeriesState, worker: str, outcome: SeriesOutcome, expected: int | None, max_attempts: int
 ) -> SeriesOutcome:
-    if outcome.status != "complete" and series.attempts >= max_attempts:
+    """Write an attempt's outcome to the state DB, counting it only when it made no progress.
+
+    Counted (``series.attempts``): nothing new arrived and the PACS's answer is why ("busy",
+    "pacs"). A connection fault without progress counts in ``network_faults`` instead, and a
+    local write error in neither. At ``pacs.max_attempts`` counted attempts the series is given up.
+    """
+    stalled = outcome.status != "complete" and not outcome.progressed
+    counted = stalled and outcome.fault in ("busy", "pacs")
+    attempts = series.attempts + (1 if counted else 0)
+    if counted and attempts >= max_attempts:
         outcome = dataclasses.replace(
             outcome,
             status="failed",
-            error=f"gave up after {series.attempts} attempts (pacs.max_attempts={max_attempts}): {outcome.error}",
+            given_up=True,
+            error=(
+                f"gave up after {attempts} attempts that brought nothing new (pacs.max_attempts={max_attempts}): "
+                f"{outcome.error}; `dicom-assets retry --failed` tries again"
+            ),
         )
+    elif outcome.status == "failed" and outcome.fault != "storage":
+        outcome = dataclasses.replace(outcome, status="incomplete")  # failed: given up, or cannot be stored
+    outcome = dataclasses.replace(outcome, attempts=attempts)
     if outcome.status != "complete":
-        log.warning("series %s %s (attempt %d): %s", series.series_instance_uid, outcome.status, series.attempts, outcome.error)
+        log.warning(
+            "series %s %s (%s, %d new instance(s), %d attempt(s) counted): %s",
+            series.series_instance_uid, outcome.status, outcome.fault, outcome.new_instances, attempts, outcome.error,
+        )  # fmt: skip
     store.finish_series(
         series.series_instance_uid,
         worker,
@@ -477,5 +569,7 @@ def _record(
         downloaded_bytes=outcome.bytes_on_disk,
         error=outcome.error,
         expected_instances=expected,
+        count_attempt=counted,
+        network_fault=stalled and outcome.fault == "network",
     )
     return outcome

@@ -16,6 +16,7 @@ from typing import Callable, TextIO
 
 import dagster as dg
 
+from dicom_assets import stopping
 from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_settings
 from dicom_assets.layout import pid_alive
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
@@ -34,6 +35,7 @@ class SyncReport:
     patient_counts: dict[str, int] = field(default_factory=dict)
     failed_runs: list[str] = field(default_factory=list)
     check_failures: int = 0
+    stopped: str | None = None  # why the pass ended early (SIGTERM, SIGINT, ...)
 
     @property
     def ok(self) -> bool:
@@ -180,6 +182,8 @@ def run_sync(
 
     log("discovering patients ...")
     _run(defs.resolve_job_def("discover_patients"), instance, report, {FULL_DISCOVERY_TAG: "true"} if full_discovery else None)
+    if _stopped(report):
+        return _finish(report, store, started)
     keys = instance.get_dynamic_partitions(PATIENTS_PARTITION_SET)
     log(f"{len(keys)} patient partition(s); running the per-patient pipeline")
     printer = ProgressPrinter(store) if progress else None
@@ -189,11 +193,24 @@ def run_sync(
         for request in patient_range_requests(list(keys)):
             result = _run(defs.resolve_job_def("patient_pipeline"), instance, report, dict(request.tags))
             _retrieval_figures(result, report)
+            if _stopped(report):
+                return _finish(report, store, started)
     finally:
         if printer:
             printer.__exit__(None, None, None)
     log("writing the inventory ...")
     _run(defs.resolve_job_def("write_inventory"), instance, report)
+    return _finish(report, store, started)
+
+
+def _stopped(report: SyncReport) -> bool:
+    """A stop was requested (SIGTERM/SIGINT): no further run is started."""
+    if stopping.PROCESS.requested:
+        report.stopped = stopping.PROCESS.reason
+    return report.stopped is not None
+
+
+def _finish(report: SyncReport, store: StateStore, started: float) -> SyncReport:
     report.status_counts = store.status_counts()
     report.patient_counts = store.patient_counts()
     report.seconds = time.monotonic() - started

@@ -202,7 +202,7 @@ def test_async_move_success_before_the_stores_and_pending_without_counts(faulty)
     assert [o.status for o in stats.outcomes] == ["complete", "complete"]
     for s in cohort.series:
         assert sorted(instances_on_disk(_dir(settings, s))) == sorted(s.sop_instance_uids)
-        assert store.get_series(s.series_instance_uid).attempts == 1
+        assert store.get_series(s.series_instance_uid).attempts == 0  # complete: nothing counted
 
 
 def test_warning_final_with_every_instance_on_disk_is_complete(faulty) -> None:
@@ -218,7 +218,9 @@ def test_warning_final_with_an_instance_missing_is_incomplete_with_reason(faulty
     stats = retrieve_patients(settings, PacsClient(settings.pacs), store, ["P1"])
     assert [o.status for o in stats.outcomes] == ["incomplete", "incomplete"]
     state = store.get_series(cohort.series[0].series_instance_uid)
-    assert state.download_status == "incomplete" and state.attempts == 1  # B000 is not retried in-run
+    # The first attempt brought 2 (progress, not counted), the retry nothing new: counted once,
+    # and a B000 is not retried again in this run.
+    assert state.download_status == "incomplete" and state.attempts == 1
     assert "0xB000" in state.last_error and "only 2 of 3 instances" in state.last_error
 
 
@@ -266,7 +268,7 @@ def test_pacs_restarting_mid_run_is_waited_for_without_burning_attempts(tmp_path
             p.stop()
         store.dispose()
     assert [o.status for o in stats.outcomes] == ["complete", "complete"]
-    assert all(o.attempts == 1 for o in stats.outcomes)  # the outage cost no attempt
+    assert all(o.attempts == 0 for o in stats.outcomes)  # the outage cost no attempt
 
 
 def test_pacs_that_never_comes_back_stops_the_run_after_wait_for_pacs_s(faulty) -> None:

@@ -141,6 +141,50 @@ def test_concurrent_first_create_schema_applies_it_once(pg_url: str) -> None:
             s.dispose()
 
 
+def test_an_older_db_moves_connection_fault_attempts_off_the_series_budget(store: StateStore) -> None:
+    """Before network_faults existed every claim was an attempt: series given up over a flaky
+    link become claimable again on upgrade; those refused by the PACS keep their count."""
+    _seed(store, "A", [("1.1", "1.1.1", 1, 3), ("1.1", "1.1.2", 2, 3), ("1.1", "1.1.3", 3, 3)])
+    net = "gave up after 5 attempts (pacs.max_attempts=5): C-GET ([Errno 104] Connection reset by peer): PACS X@h:1 " \
+          "dropped the association or timed out"
+    with store.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE series SET download_status = 'failed', attempts = 5, last_error = :e "
+                             "WHERE series_instance_uid = '1.1.1'"), {"e": net})
+        conn.execute(sa.text("UPDATE series SET download_status = 'failed', attempts = 5, last_error = 'gave up "
+                             "after 5 attempts: status 0xA702' WHERE series_instance_uid = '1.1.2'"))
+        if store.is_postgresql:
+            conn.exec_driver_sql("UPDATE schema_applied SET sha256 = 'an older text'")
+        conn.exec_driver_sql("DROP INDEX IF EXISTS series_claim_idx")  # SQLite cannot drop a column an index uses
+        conn.exec_driver_sql("ALTER TABLE series DROP COLUMN network_faults")
+    store.create_schema()
+    flaky, refused, untouched = (store.get_series(u) for u in ("1.1.1", "1.1.2", "1.1.3"))
+    assert (flaky.download_status, flaky.attempts, flaky.network_faults) == ("incomplete", 0, 5)
+    assert (refused.download_status, refused.attempts, refused.network_faults) == ("failed", 5, 0)
+    assert (untouched.download_status, untouched.attempts, untouched.network_faults) == ("pending", 0, 0)
+    claimed = store.claim_next_series(["A"], "w", 30, max_attempts=5)
+    assert claimed is not None and claimed.series_instance_uid == "1.1.1"
+    store.create_schema()  # applied once: a second start moves nothing again
+    assert store.get_series("1.1.1").network_faults == 5
+
+
+def test_retry_lists_and_resets_given_up_series(store: StateStore) -> None:
+    _seed(store, "A", [("1.1", "1.1.1", 1, 3), ("1.1", "1.1.2", 2, 3)])
+    _seed(store, "B", [("2.1", "2.1.1", 1, 3)])
+    for uid, patient in (("1.1.1", "A"), ("1.1.2", "A"), ("2.1.1", "B")):
+        claimed = store.claim_next_series([patient], "w", 30, only=[uid])
+        status = "incomplete" if uid == "1.1.2" else "failed"
+        assert claimed and store.finish_series(uid, "w", status, 1, 10, error="0xA702", count_attempt=True)
+    assert [s.series_instance_uid for s in store.series_to_retry(["failed"])] == ["1.1.1", "2.1.1"]
+    assert [s.series_instance_uid for s in store.series_to_retry(["failed"], patient_ids=["B"])] == ["2.1.1"]
+    assert [s.series_instance_uid for s in store.series_to_retry(["failed", "incomplete"], series_uids=["1.1.2"])] == ["1.1.2"]
+    assert not store.has_claimable_series(["B"], max_attempts=1)
+    assert store.reset_attempts(["2.1.1"]) == 1
+    state = store.get_series("2.1.1")
+    assert (state.download_status, state.attempts, state.last_error) == ("incomplete", 0, "0xA702")
+    assert store.has_claimable_series(["B"], max_attempts=1)
+    assert store.reset_attempts([]) == 0
+
+
 def test_status_check_constraint(store: StateStore) -> None:
     _seed(store, "P", [("1.1", "1.1.1", 1, 1)])
     with pytest.raises(sa.exc.IntegrityError):
@@ -281,7 +325,7 @@ def test_claim_order_fields_and_scope(store: StateStore) -> None:
     order = []
     while (claimed := store.claim_next_series(["A", "B"], "w", 30)) is not None:
         order.append(claimed.series_instance_uid)
-        assert claimed.download_status == "in_progress" and claimed.claimed_by == "w" and claimed.attempts == 1
+        assert claimed.download_status == "in_progress" and claimed.claimed_by == "w" and claimed.attempts == 0
         assert claimed.claim_expires_at.tzinfo is not None
         assert before + timedelta(seconds=20) < claimed.claim_expires_at < before + timedelta(seconds=40)
     assert order == ["1.1.2", "1.1.5", "1.1.3", "1.2.1", "2.1.1"]
@@ -297,9 +341,9 @@ def test_claim_only_given_patients_and_retrievable_statuses(store: StateStore) -
     _seed(store, "B", [("2.1", "2.1.1", 1, 1)])
     _complete(store, "1.1.1", "A", 1)
     c = store.claim_next_series(["A"], "w", 30)
-    assert store.finish_series(c.series_instance_uid, "w", "failed", 0, 0, error="boom")
+    assert store.finish_series(c.series_instance_uid, "w", "failed", 0, 0, error="boom", count_attempt=True)
     c = store.claim_next_series(["A"], "w", 30)
-    assert c.series_instance_uid == "1.1.2" and c.attempts == 2  # failed is retrievable
+    assert c.series_instance_uid == "1.1.2" and c.attempts == 1  # failed is retrievable
     assert store.finish_series("1.1.2", "w", "incomplete", 0, 0, error="short")
     assert store.get_series("1.1.2").last_error == "short"
     assert store.claim_next_series(["A"], "w", 30, only={"1.1.1", "1.1.3"}).series_instance_uid == "1.1.3"
@@ -316,24 +360,24 @@ def test_a_run_claims_a_series_once_another_run_claims_it_again(store: StateStor
     _seed(store, "B", [("2.1", "2.1.1", 1, 1)])
     assert store.has_claimable_series(["A", "B"]) and not store.has_claimable_series(["nobody"])
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "1.1.1"
-    assert store.finish_series("1.1.1", "w", "failed", 0, 0, error="boom")
+    assert store.finish_series("1.1.1", "w", "failed", 0, 0, error="boom", count_attempt=True)
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "1.1.2"  # not 1.1.1 again
-    assert store.finish_series("1.1.2", "w", "incomplete", 0, 0)
+    assert store.finish_series("1.1.2", "w", "incomplete", 0, 0, count_attempt=True)
     # A retry of one series within the run (after a transient failure) names it and passes no run.
     retry = store.claim_next_series(["A"], "w", 30, only=["1.1.2"])
-    assert retry.series_instance_uid == "1.1.2" and retry.attempts == 2
-    assert store.finish_series("1.1.2", "w", "failed", 0, 0)
+    assert retry.series_instance_uid == "1.1.2" and retry.attempts == 1
+    assert store.finish_series("1.1.2", "w", "failed", 0, 0, count_attempt=True)
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1").series_instance_uid == "2.1.1"
-    assert store.finish_series("2.1.1", "w", "failed", 0, 0)
+    assert store.finish_series("2.1.1", "w", "failed", 0, 0, count_attempt=True)
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r1") is None  # r1 tried all three
     assert store.has_claimable_series(["A", "B"])  # ... but they are claimable for any other run
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2", from_patient="B").series_instance_uid == "2.1.1"
     second = store.claim_next_series(["A", "B"], "w", 30, run_id="r2")
-    assert (second.series_instance_uid, second.attempts) == ("1.1.1", 2)
+    assert (second.series_instance_uid, second.attempts) == ("1.1.1", 1)
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2").series_instance_uid == "1.1.2"
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r2") is None  # all in progress now
     for uid in ("1.1.1", "1.1.2", "2.1.1"):
-        assert store.finish_series(uid, "w", "failed", 0, 0)
+        assert store.finish_series(uid, "w", "failed", 0, 0, count_attempt=True)
     assert store.has_claimable_series(["A", "B"], max_attempts=4)
     assert not store.has_claimable_series(["A", "B"], max_attempts=2)  # every one had 2 or 3 attempts
     assert store.claim_next_series(["A", "B"], "w", 30, run_id="r3", max_attempts=2) is None
@@ -355,12 +399,16 @@ def test_claims_scale_to_many_patients_in_one_call(store: StateStore) -> None:
 def test_finish_series_fields(store: StateStore) -> None:
     _seed(store, "A", [("1.1", "1.1.1", 1, None)])
     store.claim_next_series(["A"], "w", 30)
-    assert store.finish_series("1.1.1", "w", "incomplete", 2, 20, error="timeout")
+    assert store.finish_series("1.1.1", "w", "incomplete", 2, 20, error="timeout", network_fault=True)
+    assert (store.get_series("1.1.1").attempts, store.get_series("1.1.1").network_faults) == (0, 1)
+    store.claim_next_series(["A"], "w", 30)
+    assert store.finish_series("1.1.1", "w", "incomplete", 2, 20, error="refused", count_attempt=True)
     store.claim_next_series(["A"], "w", 30)
     assert store.finish_series("1.1.1", "w", "complete", 5, 500, error="ignored", expected_instances=5)
     s = store.get_series("1.1.1")
     assert (s.download_status, s.downloaded_instances, s.downloaded_bytes, s.expected_instances) == ("complete", 5, 500, 5)
-    assert s.last_error is None and s.claimed_by is None and s.claim_expires_at is None and s.attempts == 2
+    assert s.last_error is None and s.claimed_by is None and s.claim_expires_at is None
+    assert (s.attempts, s.network_faults) == (1, 1)  # a claim is not an attempt; only counted outcomes are
     with store.engine.connect() as conn:
         downloaded_at = conn.execute(sa.select(tables.series.c.downloaded_at)).scalar_one()
     assert downloaded_at is not None
@@ -401,7 +449,7 @@ def test_concurrent_claims_never_hand_out_a_series_twice(store: StateStore) -> N
     assert [uid for uid, n in counts.items() if n > 1] == []
     assert sorted(counts) == sorted(uids)
     assert store.status_counts()["complete"] == len(uids)
-    assert {s.attempts for p in range(4) for s in store.series_of(f"P{p}")} == {1}
+    assert {s.attempts for p in range(4) for s in store.series_of(f"P{p}")} == {0}  # complete: nothing counted
     assert len({w for _, w in claimed}) > 1  # the work really was shared
 
 
@@ -413,7 +461,7 @@ def test_expired_claim_is_taken_over(store: StateStore) -> None:
     time.sleep(0.3)
     second = store.claim_next_series(["A"], "w2", 30)
     assert second is not None and second.series_instance_uid == "1.1.1"
-    assert second.claimed_by == "w2" and second.attempts == 2
+    assert second.claimed_by == "w2" and second.attempts == 0
     assert store.finish_series("1.1.1", "w1", "complete", 2, 20) is False
     assert store.extend_claim("1.1.1", "w1", 30) is False
     assert store.get_series("1.1.1").download_status == "in_progress"

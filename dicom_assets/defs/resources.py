@@ -31,10 +31,10 @@ def _store(url: str) -> StateStore:
 
 
 @functools.lru_cache(maxsize=8)
-def _budget(url: str, key: str, per_minute: int, window_s: float) -> DatabaseBudget:
+def _budget(url: str, key: str, per_minute: int, window_s: float, adaptive: bool, floor: int) -> DatabaseBudget:
     """The PACS's request budget, kept in the state DB: shared by every thread, process and run
     that talks to this PACS (``host:port/called_ae``) through this state DB."""
-    return DatabaseBudget(_store(url), key, per_minute, window_s=window_s)
+    return DatabaseBudget(_store(url), key, per_minute, window_s=window_s, adaptive=adaptive, floor=floor)
 
 
 class DicomAssetsResource(dg.ConfigurableResource):
@@ -54,7 +54,9 @@ class DicomAssetsResource(dg.ConfigurableResource):
         settings = self.settings()
         pacs = settings.pacs
         key = pacs_key(pacs.host, pacs.port, pacs.called_ae_title)
-        budget = _budget(settings.database.url, key, pacs.max_requests_per_minute, budget_window_s())
+        budget = _budget(
+            settings.database.url, key, pacs.max_requests_per_minute, budget_window_s(), pacs.adaptive_rate, pacs.rate_floor
+        )
         return PacsClient(pacs, budget)
 
     def selection_rule(self):  # type: ignore[no-untyped-def]

@@ -17,11 +17,17 @@ production: the PACS's limit is per minute.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import random
 import threading
 import time
 from typing import TYPE_CHECKING, Callable, Protocol
+
+from dicom_assets import stopping
+from dicom_assets.pacs.adaptive_rate import BudgetRate, RatePolicy
+
+log = logging.getLogger("dicom_assets.pacs")
 
 if TYPE_CHECKING:
     from dicom_assets.store import StateStore
@@ -147,7 +153,9 @@ class DatabaseBudget:
         max_per_minute: int,
         window_s: float | None = None,
         margin_s: float = DEFAULT_MARGIN_S,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = stopping.sleep,
+        adaptive: bool = True,
+        floor: int | None = None,
     ) -> None:
         if max_per_minute < 1:
             raise ValueError("max_per_minute must be >= 1")
@@ -160,6 +168,9 @@ class DatabaseBudget:
         if self.window_s <= 0:
             raise ValueError("window_s must be > 0")
         self.margin_s = margin_s
+        floor = max(1, max_per_minute // 10) if floor is None else min(floor, max_per_minute)
+        #: The adaptive rate (dicom_assets.pacs.adaptive_rate); None: always ``max_per_minute``.
+        self.policy = RatePolicy(max_per_minute, floor, self.window_s) if adaptive else None
         self._sleep = sleep
         self._lock = threading.Lock()
         self.total = 0
@@ -173,7 +184,9 @@ class DatabaseBudget:
 
     def acquire(self, what: str = "request") -> None:
         while True:
-            wait = self.store.take_request_token(self.pacs_key, self.max_per_minute, self.enforced_window_s, what)
+            wait = self.store.take_request_token(
+                self.pacs_key, self.max_per_minute, self.enforced_window_s, what, policy=self.policy
+            )
             if wait <= 0:
                 with self._lock:
                     self.total += 1
@@ -184,6 +197,21 @@ class DatabaseBudget:
                 self.waits += 1
                 self.waited_s += wait
             self._sleep(wait)
+
+    def note_reset(self) -> None:
+        """The PACS reset or aborted an association: every worker on this state DB slows down."""
+        if self.policy is None:
+            return
+        limit = self.store.note_pacs_reset(self.pacs_key, self.policy)
+        log.warning(
+            "%s reset or aborted an association: request rate now %d per %g s (of %d)",
+            self.pacs_key, limit, self.window_s, self.max_per_minute,
+        )  # fmt: skip
+
+    def rate(self) -> BudgetRate:
+        """The limit in force now, the lowest reached, and the resets seen (for status and metadata)."""
+        policy = self.policy or RatePolicy(self.max_per_minute, self.max_per_minute, self.window_s)
+        return self.store.budget_rate(self.pacs_key, policy)
 
     def describe(self) -> str:
         return (

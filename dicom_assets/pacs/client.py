@@ -17,25 +17,27 @@ from __future__ import annotations
 import copy
 import logging
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
-from datetime import time as dtime
+from datetime import date, timedelta
 from typing import Any, Callable, Iterator, Sequence, TypeVar
 
 from pydicom.dataset import Dataset
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception,
-    stop_after_attempt,
-    stop_after_delay,
-    wait_exponential_jitter,
-)
 
+from dicom_assets import stopping
 from dicom_assets.config import PacsSettings
 from dicom_assets.pacs.budget import RequestBudget, UnlimitedBudget
+from dicom_assets.pacs.errors import (  # noqa: F401 - re-exported: the client's errors live there
+    MoveDestinationUnknown,
+    PacsError,
+    PacsRequestFailed,
+    PacsUnavailable,
+    PacsUnreachable,
+    is_connection_fault,
+    is_transient,
+    transient_status,
+)
+from dicom_assets.pacs.faults import Backoff, OutageClock, RequestGate
 from dicom_assets.pacs.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, get_contexts, query_contexts
 from dicom_assets.pacs.requestor import RequestorAssociation
 
@@ -46,99 +48,6 @@ SUCCESS = 0x0000
 WARNING = 0xB000
 MOVE_DESTINATION_UNKNOWN = 0xA801
 T = TypeVar("T")
-
-
-def transient_status(status: int | None) -> bool:
-    """A7xx (refused: out of resources) and C0xx (unable to process): back off and try again."""
-    return status is not None and (0xA700 <= status <= 0xA7FF or 0xC000 <= status <= 0xCFFF)
-
-
-class PacsError(RuntimeError):
-    """A PACS operation failed; the message says which and why."""
-
-
-class PacsUnavailable(PacsError):
-    """No association could be made or it broke mid-request (refused, reset, aborted, timed out)."""
-
-
-class PacsUnreachable(PacsError):
-    """The PACS stayed unreachable for ``pacs.wait_for_pacs_s``: the run stops (nothing burned)."""
-
-
-class MoveDestinationUnknown(PacsError):
-    """The PACS does not know our storage SCP's AE title (status A801)."""
-
-
-class PacsRequestFailed(PacsError):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Worth another try after a backoff: connection faults and A7xx/C0xx statuses."""
-    if isinstance(exc, PacsUnavailable):
-        return True
-    return isinstance(exc, PacsRequestFailed) and transient_status(exc.status)
-
-
-class RequestGate:
-    """Holds back new requests: during blackout windows (local time) and after backoff holds.
-
-    Shared by every session of a :class:`PacsClient` (so one worker's backoff after an A702
-    slows every worker down). ``wait`` blocks until a request may be sent.
-    """
-
-    def __init__(
-        self,
-        windows: Sequence[tuple[dtime, dtime]] = (),
-        now: Callable[[], datetime] = datetime.now,
-        sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.windows = list(windows)
-        self._now = now
-        self._sleep = sleep
-        self._clock = clock
-        self._hold_until = float("-inf")
-        self._lock = threading.Lock()
-        self.waited_s = 0.0
-
-    def blackout_remaining(self, now: datetime | None = None) -> float:
-        """Seconds until the blackout window containing ``now`` (local time) ends; 0 outside."""
-        now = now or self._now()
-        t = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
-        remaining = 0.0
-        for start, end in self.windows:
-            s, e = start.hour * 3600 + start.minute * 60 + start.second, end.hour * 3600 + end.minute * 60 + end.second
-            inside = s <= t < e if s < e else (t >= s or t < e)
-            if inside:
-                remaining = max(remaining, (e - t) % 86400)
-        return remaining
-
-    def hold(self, seconds: float) -> None:
-        """Send nothing for ``seconds`` from now (backoff after an overload status or a fault)."""
-        with self._lock:
-            self._hold_until = max(self._hold_until, self._clock() + seconds)
-
-    def wait(self) -> float:
-        """Block until no blackout window and no hold applies; returns the seconds waited."""
-        waited = 0.0
-        announced = False
-        while True:
-            blackout = self.blackout_remaining()
-            with self._lock:
-                held = max(0.0, self._hold_until - self._clock())
-            pause = max(blackout, held)
-            if pause <= 0:
-                self.waited_s += waited
-                return waited
-            if blackout > 0 and not announced:
-                log.info("blackout window: no PACS requests for %.0f s", blackout)
-                announced = True
-            step = min(pause, 60.0)  # re-evaluate at least every minute (clock changes, new holds)
-            self._sleep(step)
-            waited += step
 
 
 @dataclass(frozen=True)
@@ -228,19 +137,26 @@ class PacsClient:
         settings: PacsSettings,
         budget: RequestBudget | None = None,
         gate: RequestGate | None = None,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = stopping.sleep,
     ) -> None:
         self.settings = settings
         self.budget: RequestBudget = budget or UnlimitedBudget()
         self.sleep = sleep
         self.gate = gate or RequestGate(settings.blackout_windows(), sleep=sleep)
+        self.outage = OutageClock(settings.wait_for_pacs_s)
         self._empty_move_failures = 0
         self._empty_lock = threading.Lock()
 
-    def backoff(self) -> wait_exponential_jitter:
+    def backoff(self) -> Backoff:
         """Exponential backoff with jitter: initial * 2^n + U(0, initial), at most retry_max_s."""
-        s = self.settings
-        return wait_exponential_jitter(multiplier=s.retry_initial_s, max=s.retry_max_s, jitter=s.retry_initial_s)
+        return Backoff(self.settings.retry_initial_s, self.settings.retry_max_s)
+
+    def note_reset(self) -> None:
+        """The PACS or the network reset/aborted an association: tell the shared budget, which
+        slows every worker of every process down (when it adapts its rate)."""
+        note = getattr(self.budget, "note_reset", None)
+        if note is not None:
+            note()
 
     @contextmanager
     def session(self, sink: Any = None) -> Iterator["PacsSession"]:
@@ -280,6 +196,7 @@ class PacsSession:
         self.settings = client.settings
         self.sink = sink
         self._assoc: RequestorAssociation | None = None
+        self._stop_key: int | None = None
         self.requests = 0
         self.finds = 0  # C-FINDs sent (also counted in requests)
 
@@ -291,21 +208,32 @@ class PacsSession:
     def _association(self) -> RequestorAssociation:
         if self._assoc is not None and self._assoc.is_established:
             return self._assoc
-        self._assoc = None
+        self._forget_association()
         s = self.settings
         if self.sink is None:
             contexts, roles = query_contexts(), []
         else:
             contexts, roles = get_contexts()
         self._take_token("associate")
+        stopping.PROCESS.check()
         try:
             assoc = RequestorAssociation.open(
                 (s.host, s.port), s.calling_ae_title, s.called_ae_title, contexts, roles, timeout_s=s.timeout_s
             )
         except (OSError, RuntimeError, ValueError) as exc:
-            raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {exc}") from exc
+            reset = isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
+            if reset:
+                self.client.note_reset()
+            raise PacsUnavailable(f"cannot associate with {self.client.describe()}: {exc}", reset=reset) from exc
         self._assoc = assoc
+        self._stop_key = stopping.PROCESS.add_closer(assoc.interrupt)  # SIGTERM: unblock its reads
         return assoc
+
+    def _forget_association(self) -> None:
+        if self._stop_key is not None:
+            stopping.PROCESS.remove_closer(self._stop_key)
+            self._stop_key = None
+        self._assoc = None
 
     def _take_token(self, what: str) -> None:
         self.client.budget.acquire(what)
@@ -314,13 +242,19 @@ class PacsSession:
     def close(self) -> None:
         if self._assoc is not None and self._assoc.is_established:
             self._assoc.release()
-        self._assoc = None
+        self._forget_association()
 
-    def _dropped(self, what: str) -> PacsUnavailable:
+    def _dropped(self, what: str, exc: BaseException | None = None) -> PacsUnavailable:
+        """The association broke during a request. A reset or abort (not a timeout, not our own
+        stop) is reported to the shared budget, which slows down."""
         if self._assoc is not None and self._assoc.is_established:
             self._assoc.abort()
-        self._assoc = None
-        return PacsUnavailable(f"{what}: {self.client.describe()} dropped the association or timed out")
+        self._forget_association()
+        stopping.PROCESS.check()  # the connection was shut by a stop request, not by the PACS
+        reset = exc is None or not isinstance(exc, TimeoutError)
+        if reset:
+            self.client.note_reset()
+        return PacsUnavailable(f"{what}: {self.client.describe()} dropped the association or timed out", reset=reset)
 
     def _ready(self) -> RequestorAssociation:
         """Pass the gate (blackout, backoff hold), then the (re)opened association."""
@@ -337,67 +271,69 @@ class PacsSession:
             self._ready()  # a C-GET association has no room for Verification: associating is proof
 
     def wait_until_reachable(self) -> None:
-        """Return once the PACS answers; wait with backoff up to ``pacs.wait_for_pacs_s``.
+        """Return once the PACS answers; wait with backoff while the outage lasts.
 
-        Raises :class:`PacsUnreachable` when it never did. No series is claimed meanwhile, so
-        an outage burns no series attempts.
+        The outage (:class:`~dicom_assets.pacs.faults.OutageClock`, shared by the client's
+        sessions) may last ``pacs.wait_for_pacs_s`` since the PACS last made progress; then
+        :class:`PacsUnreachable` is raised. Nothing is claimed meanwhile, so an outage burns no
+        series attempts. Answering C-ECHO does not end an outage: only progress does.
         """
+        backoff = self.client.backoff()
+        while True:
+            try:
+                self.probe()
+                return
+            except PacsError as exc:
+                if not is_transient(exc):
+                    raise
+                self.client.outage.fault()
+                self._wait_out(exc, backoff, "not answering")
+
+    def _wait_out(self, exc: PacsError, backoff: Backoff, what: str) -> None:
+        """Sleep the next backoff delay of an outage, or raise PacsUnreachable once it is too long."""
         s = self.settings
-
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "%s not answering (%s); next try in %.1f s (waiting up to pacs.wait_for_pacs_s=%g s)",
-                self.client.describe(), exc, state.next_action.sleep if state.next_action else 0, s.wait_for_pacs_s,
-            )  # fmt: skip
-
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_after_delay(s.wait_for_pacs_s),
-            wait=self.client.backoff(),
-            sleep=self.client.sleep,
-            before_sleep=before_sleep,
-            reraise=True,
-        )
-        try:
-            retrying(self.probe)
-        except PacsError as exc:
-            if not is_transient(exc):
-                raise
+        remaining = self.client.outage.remaining()
+        if remaining <= 0:
             raise PacsUnreachable(
-                f"{self.client.describe()} did not answer for {s.wait_for_pacs_s:g} s (pacs.wait_for_pacs_s): "
-                f"{exc}; nothing was claimed, run again when the PACS is back"
+                f"{self.client.describe()} made no progress for {s.wait_for_pacs_s:g} s "
+                f"(pacs.wait_for_pacs_s): {exc}; no attempt was used, run again when the PACS is back"
             ) from exc
+        delay = min(backoff.next(), remaining)
+        log.warning(
+            "%s %s (%s); next try in %.1f s (outage %.0f s of pacs.wait_for_pacs_s=%g s)",
+            self.client.describe(), what, exc, delay, self.client.outage.elapsed(), s.wait_for_pacs_s,
+        )  # fmt: skip
+        self.client.sleep(delay)
 
     def retrying(self, fn: Callable[[], T], what: str) -> T:
-        """Call ``fn`` (one PACS request); on a connection fault or an A7xx/C0xx status, wait
-        for the PACS and retry with backoff, at most ``pacs.max_attempts`` attempts in all."""
-        s = self.settings
-        down = False
+        """Call ``fn`` (one PACS request) until it is answered.
 
-        def attempt() -> T:
-            nonlocal down
-            if down:  # the last attempt could not reach the PACS: wait for it first
-                self.wait_until_reachable()
+        A connection fault waits for the PACS (the outage budget, ``pacs.wait_for_pacs_s``);
+        an A7xx/C0xx answer backs off (every session of the client holds back) and is tried at
+        most ``pacs.max_attempts`` times. An answered request is progress: it ends an outage.
+        """
+        refusals = 0
+        backoff = self.client.backoff()
+        while True:
             try:
-                return fn()
-            except PacsUnavailable:
-                down = True
-                raise
-
-        def before_sleep(state: RetryCallState) -> None:
-            delay = state.next_action.sleep if state.next_action else 0.0
-            self.client.gate.hold(delay)  # every session of this client backs off
-            log.warning("%s failed (%s); retrying in %.1f s", what, state.outcome.exception() if state.outcome else "?", delay)
-
-        return Retrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_after_attempt(s.max_attempts),
-            wait=self.client.backoff(),
-            sleep=lambda seconds: None,  # the gate hold does the waiting (for every session)
-            before_sleep=before_sleep,
-            reraise=True,
-        )(attempt)
+                result = fn()
+            except PacsError as exc:
+                if is_connection_fault(exc):
+                    self.client.outage.fault()
+                    self._wait_out(exc, backoff, f"{what} failed")
+                    self.wait_until_reachable()
+                    continue
+                if not is_transient(exc):
+                    raise
+                refusals += 1
+                if refusals >= self.settings.max_attempts:
+                    raise
+                delay = backoff.next()
+                self.client.gate.hold(delay)  # every session of this client backs off
+                log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
+                continue
+            self.client.outage.progress()
+            return result
 
     # -- requests ------------------------------------------------------------------------------
     def echo(self) -> None:
@@ -406,7 +342,7 @@ class PacsSession:
         try:
             status = assoc.send_c_echo()
         except (OSError, RuntimeError) as exc:
-            raise self._dropped(f"C-ECHO ({exc})") from exc
+            raise self._dropped(f"C-ECHO ({exc})", exc) from exc
         if "Status" not in status:
             raise self._dropped("C-ECHO")
         if status.Status != SUCCESS:
@@ -438,7 +374,7 @@ class PacsSession:
         try:
             yield from send()
         except (OSError, RuntimeError) as exc:
-            raise self._dropped(f"{what} ({exc})") from exc
+            raise self._dropped(f"{what} ({exc})", exc) from exc
 
     def _capped(self, found: list[Dataset]) -> bool:
         cap = self.settings.max_find_results

@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
+from dicom_assets import stopping
 from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, series_dir, temp_name, temp_token
 from dicom_assets.pacs import upper_layer as ul
 from dicom_assets.pacs.contexts import receiver_contexts
@@ -100,10 +101,11 @@ class InFlightRetrieve:
         """
         with self._cond:
             while not done():
+                stopping.PROCESS.check()
                 idle = time.monotonic() - self.last_arrival
                 if idle >= idle_s:
                     return
-                self._cond.wait(timeout=idle_s - idle)
+                self._cond.wait(timeout=min(idle_s - idle, 0.5))  # a stop request is seen within 0.5 s
 
 
 class InstanceSink:
@@ -226,6 +228,8 @@ class IncomingInstance:
         self.head = bytearray()
 
     def _append(self, piece: memoryview) -> None:
+        if self.fd is None:  # an earlier write failed (disk full ...): the file is gone, drop the rest
+            return
         try:
             while piece:
                 written = os.write(self.fd, piece)  # type: ignore[arg-type]
@@ -241,9 +245,12 @@ class IncomingInstance:
         self.status = STATUS_OUT_OF_RESOURCES
 
     def _close_and_remove(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)  # released even when close reports an error: never closed twice
+            except OSError:
+                pass
         if self.tmp is not None:
             _unlink_quietly(self.tmp)
             self.tmp = None
@@ -257,9 +264,9 @@ class IncomingInstance:
                 self.flight.note_arrival(0, duplicate=True)
             return self.status
         assert self.flight is not None and self.final is not None and self.tmp is not None
+        fd, self.fd = self.fd, None
         try:
-            os.close(self.fd)  # type: ignore[arg-type]
-            self.fd = None
+            os.close(fd)  # type: ignore[arg-type]  # a late write error (NFS, quota) surfaces here
             os.replace(self.tmp, self.final)
         except OSError as exc:
             self._failed(exc)

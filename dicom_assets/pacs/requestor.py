@@ -149,6 +149,14 @@ class RequestorAssociation:
         finally:
             sock.close()
 
+    def interrupt(self) -> None:
+        """Unblock a read or write in progress from another thread (a stop request): shut the
+        socket; the request then fails as a broken connection."""
+        try:
+            self._assoc.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def abort(self) -> None:
         if self.is_established:
             self._open = False

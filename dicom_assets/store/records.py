@@ -61,10 +61,11 @@ class SeriesState:
     downloaded_instances: int
     downloaded_bytes: int
     download_status: SeriesStatus
-    attempts: int
+    attempts: int  # attempts that brought nothing new and ended in an answer of the PACS
     last_error: str | None
     claimed_by: str | None
     claim_expires_at: datetime | None
+    network_faults: int = 0  # attempts that brought nothing new and broke on the connection
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """SQLAlchemy Core table definitions mirroring ``schema.sql`` (PostgreSQL is authoritative).
 
 PostgreSQL builds its schema from ``schema.sql``; SQLite builds it from :data:`metadata` (plus the
-``date_modified`` triggers in :mod:`dicom_assets.store.state`). A test reflects a PostgreSQL
+``date_modified`` triggers in :mod:`dicom_assets.store.base`). A test reflects a PostgreSQL
 database built from ``schema.sql`` and compares it with these definitions.
 """
 
@@ -118,6 +118,8 @@ series = sa.Table(
     *_timestamps(),
     # added later by ALTER TABLE in schema.sql (claims at scale), hence after the timestamps
     sa.Column("claimed_in_run", sa.Text),
+    # added later by ALTER TABLE in schema.sql (attempts measure the series, not the network)
+    sa.Column("network_faults", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.CheckConstraint(
         "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
         name="series_download_status_check",
@@ -174,6 +176,12 @@ pacs_budgets = sa.Table(
     sa.Column("last_sent_at", sa.DateTime(timezone=True)),
     sa.Column("granted", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("deferred", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    # added later by ALTER TABLE in schema.sql (adaptive rate, dicom_assets.pacs.adaptive_rate)
+    sa.Column("rate_limit", sa.Integer),
+    sa.Column("rate_changed_at", sa.DateTime(timezone=True)),
+    sa.Column("resets", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+    sa.Column("lowest_limit", sa.Integer),
+    sa.Column("last_reset_at", sa.DateTime(timezone=True)),
 )
 
 pacs_request_log = sa.Table(
