@@ -48,6 +48,45 @@ class ArchiveVerificationError(RuntimeError):
     """The freshly written zip failed verification; it was deleted and the previous one kept."""
 
 
+class ArchiveWriteError(RuntimeError):
+    """The new zip could not be written (disk full, quota, read-only, I/O error); its temp file
+    was deleted and the previous archive kept. ``errno``/``strerror`` are the OS error's."""
+
+    def __init__(self, message: str, errno: int | None = None, strerror: str | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+        self.strerror = strerror
+
+
+class _NewFile:
+    """A new file for ``write_zip``, written straight through (it writes whole members, so a
+    buffer saves nothing, and a failed buffer flush at close would hide the path): a failed
+    create, write or fsync raises ArchiveWriteError naming the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = self._checked(os.open, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+
+    def _checked(self, call, *args):  # type: ignore[no-untyped-def]
+        try:
+            return call(*args)
+        except OSError as exc:
+            raise ArchiveWriteError(f"cannot write {self.path}: {exc.strerror or exc}", exc.errno, exc.strerror) from exc
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[self._checked(os.write, self.fd, view) :]
+
+    def fsync(self) -> None:
+        self._checked(os.fsync, self.fd)
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
 @dataclass(frozen=True)
 class ArchiveResult:
     patient_id: str
@@ -121,11 +160,14 @@ def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequen
 
 
 def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> str:
-    """Write the members into a new zip at ``path`` (parallel deflate), fsync it; returns its SHA-256."""
-    with open(path, "xb") as fileobj:
-        sha256 = write_zip(fileobj, _unless_stopped(members), compression_level, threads=_THREADS)
-        fileobj.flush()
-        os.fsync(fileobj.fileno())
+    """Write the members into a new zip at ``path`` (parallel deflate), fsync it; returns its
+    SHA-256. Raises ArchiveWriteError naming ``path`` when it cannot be written (disk full ...)."""
+    out = _NewFile(path)
+    try:
+        sha256 = write_zip(out, _unless_stopped(members), compression_level, threads=_THREADS)  # type: ignore[arg-type]
+        out.fsync()
+    finally:
+        out.close()
     return sha256
 
 
@@ -335,8 +377,13 @@ def build_patient_archive(
         verify_archive(temp, now_on_disk)
         size = temp.stat().st_size
         os.replace(temp, final)
-    except BaseException:
+    except BaseException as exc:
         temp.unlink(missing_ok=True)
+        if isinstance(exc, ArchiveWriteError):  # say which archive, and that nothing was replaced
+            raise ArchiveWriteError(
+                f"cannot write the archive {final}: {exc.strerror or exc}; nothing was replaced "
+                f"(the patient's previous archive, if any, is kept)", exc.errno, exc.strerror,
+            ) from exc  # fmt: skip
         raise
     _fsync_dir(archive_dir)
 

@@ -97,7 +97,7 @@ def series_rows(url: str) -> list[dict[str, Any]]:
     try:
         with engine.connect() as conn:
             rows = conn.execute(sa.text(
-                "SELECT series_instance_uid, patient_id, download_status, attempts, claimed_by, expected_instances, "
+                "SELECT series_instance_uid, patient_id, download_status, attempts, network_faults, claimed_by, expected_instances, "
                 "downloaded_instances, last_error FROM series ORDER BY series_instance_uid"
             ))  # fmt: skip
             return [dict(r._mapping) for r in rows]

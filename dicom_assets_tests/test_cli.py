@@ -32,7 +32,34 @@ def test_status_on_an_empty_state_db(tmp_path: Path) -> None:
     done = _run(["status"], tmp_path, env={"DICOM_ASSETS_CONFIG": str(config)})
     assert done.returncode == 0, done.stderr
     assert "complete" in done.stdout and "patients     0" in done.stdout
+    assert "request rate 700/min of 700/min (lowest 700/min); 0 resets by the PACS" in done.stdout
     assert (tmp_path / "state.sqlite").exists()
+
+
+def test_retry_lists_given_up_series_then_makes_them_claimable(tmp_path: Path) -> None:
+    from dicom_assets.store import PatientRecord, SeriesRecord, StateStore, StudyRecord
+
+    config = offline_config(tmp_path / "c.yaml", "sqlite:///state.sqlite")
+    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    store.create_schema()
+    store.upsert_patients([PatientRecord("P1")])
+    store.upsert_studies([StudyRecord("1.1", "P1")])
+    store.upsert_series([SeriesRecord("1.1.1", "1.1", "P1", expected_instances=3), SeriesRecord("1.1.2", "1.1", "P1")])
+    for _ in range(5):  # given up: 5 attempts refused by the PACS
+        assert store.claim_next_series(["P1"], "w", 30, only=["1.1.1"])
+        store.finish_series("1.1.1", "w", "failed", 1, 10, error="status 0xA702", count_attempt=True)
+    env = {"DICOM_ASSETS_CONFIG": str(config)}
+    assert _run(["retry"], tmp_path, env=env).returncode == 2  # which series? it says
+    dry = _run(["retry", "--failed", "--dry-run"], tmp_path, env=env)
+    assert dry.returncode == 0, dry.stderr
+    assert "1.1.1\tfailed\t1/3 instances\t5 attempts\tstatus 0xA702" in dry.stdout and "1.1.2" not in dry.stdout
+    assert "1 series would be made claimable again (dry run" in dry.stdout
+    assert store.get_series("1.1.1").attempts == 5
+    done = _run(["retry", "--failed"], tmp_path, env=env)
+    assert done.returncode == 0 and "1 series claimable again" in done.stdout
+    state = store.get_series("1.1.1")
+    assert (state.download_status, state.attempts) == ("incomplete", 0)
+    store.dispose()
 
 
 def test_pacs_generate_and_add_series(tmp_path: Path) -> None:

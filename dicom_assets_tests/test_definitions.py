@@ -93,6 +93,10 @@ def test_sync_then_new_series_rebuilds_archive_through_the_sensor(deployment) ->
         instance=instance, partition_key=key, asset_selection=[dg.AssetKey("studies"), dg.AssetKey("series"), dg.AssetKey("downloaded_series")]
     )
     assert result.success
+    [retrieved] = result.asset_materializations_for_node("downloaded_series")
+    md = {k: v.value for k, v in retrieved.metadata.items()}
+    assert md["series_complete"] == 1 and md["connection_faults"] == 0 and md["pacs_resets_seen"] == 0
+    assert md["request_rate_per_min"] == md["lowest_request_rate_per_min"] > 0  # no reset: the configured rate
 
     # The sensor asks for exactly that patient's archive, once.
     sensor = defs.get_sensor_def("patient_archive_outdated")

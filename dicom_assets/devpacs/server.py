@@ -584,11 +584,38 @@ def _send_files_as_stored(assoc: Association) -> None:
     assoc._devpacs_sends_files = True  # type: ignore[attr-defined]
 
 
+def _responses_only_to_the_sender(assoc: Association) -> None:
+    """Keep ``assoc``'s reactor thread from taking the responses its ``send_c_store`` waits for.
+
+    pynetdicom's reactor polls the DIMSE queue (``get_msg(block=False)``) to serve requests
+    from the peer; ``send_c_store`` pauses it first (``_reactor_checkpoint.clear()``, then waits
+    for ``_is_paused``). That handshake has a hole: ``_is_paused`` is still True just after the
+    reactor passed its checkpoint, so a sender pausing it then goes ahead, and the reactor's
+    next poll can take the C-STORE-RSP (logged "Received unexpected C-STORE service message").
+    The sub-operation then waits the whole DIMSE timeout (30 s), sending nothing on the
+    C-MOVE's association meanwhile: the requestor sees a C-MOVE stall for its own timeout.
+
+    A C-MOVE sub-association only sends C-STOREs; the storage SCP at the other end sends
+    responses, never requests. So its reactor has nothing to poll for: every message that
+    comes back belongs to the ``send_c_store`` waiting for it (a blocking ``get_msg``).
+    """
+    dimse = assoc.dimse
+    take = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        return take(block) if block else (None, None)
+
+    dimse.get_msg = get_msg  # type: ignore[method-assign]
+
+
 class _DevPacsAE(AE):
-    """An AE whose outgoing associations (C-MOVE sub-operations) send files as stored."""
+    """An AE whose outgoing associations (C-MOVE sub-operations) send files as stored, and
+    whose reactor threads leave the C-STORE responses to the sender (see
+    :func:`_responses_only_to_the_sender`)."""
 
     def associate(self, *args: Any, **kwargs: Any) -> Association:  # type: ignore[override]
         assoc = super().associate(*args, **kwargs)
+        _responses_only_to_the_sender(assoc)
         _send_files_as_stored(assoc)
         return assoc
 

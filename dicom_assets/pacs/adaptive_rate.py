@@ -63,11 +63,14 @@ class BudgetRate:
     last_reset_at: datetime | None
     window_s: float
 
+    def per_minute(self, per_window: int) -> int:
+        """A limit per window as requests per minute (the window is 60 s but in tests)."""
+        return round(per_window * 60.0 / self.window_s)
+
     def describe(self) -> str:
-        per_minute = 60.0 / self.window_s
         line = (
-            f"request rate {self.current_per_window * per_minute:.0f}/min of {self.max_per_window * per_minute:.0f}/min"
-            f" (lowest {self.lowest_per_window * per_minute:.0f}/min); {self.resets} resets by the PACS"
+            f"request rate {self.per_minute(self.current_per_window)}/min of {self.per_minute(self.max_per_window)}/min"
+            f" (lowest {self.per_minute(self.lowest_per_window)}/min); {self.resets} resets by the PACS"
         )
         if self.last_reset_at is not None:
             line += f", last at {self.last_reset_at:%Y-%m-%d %H:%M:%S} UTC"

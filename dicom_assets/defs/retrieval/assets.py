@@ -33,7 +33,14 @@ def downloaded_series(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
             line + (f" ({outcome.error})" if outcome.error else "")
         )
 
-    stats = retrieve_patients(settings, dicom.pacs(), store, patient_ids, on_outcome=progress)
+    client = dicom.pacs()
+    stats = retrieve_patients(settings, client, store, patient_ids, on_outcome=progress)
+    rate = client.budget.rate() if hasattr(client.budget, "rate") else None
+    budget = {} if rate is None else {
+        "request_rate_per_min": rate.per_minute(rate.current_per_window),
+        "lowest_request_rate_per_min": rate.per_minute(rate.lowest_per_window),
+        "pacs_resets_seen": rate.resets,
+    }  # fmt: skip
     return dg.MaterializeResult(
-        metadata={**stats.metadata(), "patients": len(patient_ids), "method": settings.pacs.retrieve_method}
+        metadata={**stats.metadata(), **budget, "patients": len(patient_ids), "method": settings.pacs.retrieve_method}
     )
