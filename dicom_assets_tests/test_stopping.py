@@ -138,3 +138,43 @@ def test_sigint_while_discovery_waits_and_a_second_signal_exits_at_once(tmp_path
     assert code == 130, output[-3000:]
     assert seconds < STOP_LIMIT_S
     assert code2 == 143
+
+
+#: A Dagster run of the pipeline in the main thread of its own process, as the run worker runs
+#: it: Dagster's own signal handling turns SIGTERM/SIGINT into an interrupt of the step.
+DAGSTER_RUN = """
+import dagster as dg
+from dicom_assets.definitions import defs
+from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
+from dicom_assets.defs.retrieval.schedules import patient_range_requests
+instance = dg.DagsterInstance.get()
+assert defs.resolve_job_def("discover_patients").execute_in_process(instance=instance).success
+[request] = patient_range_requests(list(instance.get_dynamic_partitions(PATIENTS_PARTITION_SET)))
+result = defs.resolve_job_def("patient_pipeline").execute_in_process(
+    instance=instance, tags=dict(request.tags), raise_on_error=False
+)
+print("run", result.run_id, instance.get_run_by_id(result.run_id).status, flush=True)
+"""
+
+
+def test_sigterm_to_a_dagster_run_of_the_pipeline(tmp_path: Path, pg_url: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from dicom_assets_tests.sync_process import dagster_home
+
+    make_cohort(tmp_path / "pacs", patients=2, series=2, slices=6, size=1024, seed=33)
+    with DevPacs(tmp_path / "pacs") as pacs:
+        config = write_config(tmp_path, pacs.port, free_port(), pg_url, retrieve_method="c-get")
+        env = {**os.environ, "DAGSTER_HOME": str(dagster_home(tmp_path)), "DICOM_ASSETS_CONFIG": str(config)}
+        log = tmp_path / "run.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-c", DAGSTER_RUN], cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        seconds = _signal_when(proc, lambda: any((tmp_path / "downloads").rglob("*.part")), signal.SIGTERM)
+        code, output = finish_sync(proc, log, 5)
+        _left_clean(tmp_path, pg_url)
+    print(f"\n[stop] SIGTERM to a Dagster run of patient_pipeline: exit {code} after {seconds:.2f} s")
+    assert seconds < STOP_LIMIT_S, output[-3000:]
+    assert "stopping: interrupted (DagsterExecutionInterruptedError)" in output  # the workers were told at once
+    assert "DagsterRunStatus.FAILURE" in output or "DagsterRunStatus.CANCELED" in output, output[-3000:]
