@@ -314,6 +314,13 @@ class Settings(_Section):
     heartbeats: HeartbeatSettings = HeartbeatSettings()
     publish: PublishSettings = PublishSettings()
 
+    @field_validator("receiver", "selection", "archive", "database", "discovery", "schedules", "heartbeats", "publish",
+                     mode="before")
+    @classmethod
+    def _empty_section_is_defaults(cls, value: Any) -> Any:
+        """``publish:`` with every key commented out (as in config-sample.yaml) parses as None."""
+        return {} if value is None else value
+
 
 def _substitute_env(value: Any, where: str) -> Any:
     """Replace ``${VAR}`` in every string of the parsed YAML; a missing variable is an error."""

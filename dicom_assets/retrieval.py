@@ -207,6 +207,8 @@ class SeriesRetriever:
         except (MoveDestinationUnknown, stopping.Stopped):
             raise
         except PacsError as exc:
+            if flight is not None and flight.last_errno in DISK_ERRNOS:  # the PACS gave up on our full disk
+                return self._outcome(series, directory, started, "failed", flight.last_error, flight, fault="storage"), expected
             network = is_connection_fault(exc)
             fault = "network" if network else "busy" if _busy(exc) else "pacs"
             status = "incomplete" if network else "failed"

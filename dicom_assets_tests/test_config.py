@@ -30,6 +30,15 @@ def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
     assert settings.paths.download_dir == tmp_path / "dl"
 
 
+def test_the_shipped_sample_config_loads_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """config-sample.yaml is what sites copy: its optional sections, every key commented out,
+    mean the defaults (they parse as empty); its adaptive rate defaults to a tenth of the maximum."""
+    monkeypatch.setenv("DICOM_ASSETS_DB_PASSWORD", "secret")
+    settings = load_settings(Path(__file__).resolve().parents[1] / "config-sample.yaml")
+    assert settings.publish.directory is None and settings.heartbeats.discovery is None
+    assert settings.pacs.adaptive_rate and settings.pacs.rate_floor == 70
+
+
 def test_env_var_substitution_for_secrets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DB_PASSWORD", "s3cret")
     path = _write(
