@@ -148,23 +148,10 @@ CREATE TABLE IF NOT EXISTS schema_applied (
 -- only attempts that brought no new instance and ended in an answer of the PACS (a refusal, a
 -- failed or partial retrieve); network_faults counts attempts that brought nothing and broke on
 -- the connection (reset, refused, timeout, abort), which cost time, never the series. Before
--- this, every claim counted as an attempt: on upgrade, series whose last error was a connection
--- fault get their count moved to network_faults, and those given up for it become retryable.
-DO $$
-BEGIN
-    IF NOT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema()
-                   AND table_name = 'series' AND column_name = 'network_faults') THEN
-        ALTER TABLE series ADD COLUMN network_faults INTEGER NOT NULL DEFAULT 0;
-        UPDATE series
-           SET network_faults = attempts, attempts = 0,
-               download_status = CASE WHEN download_status = 'failed' THEN 'incomplete' ELSE download_status END
-         WHERE download_status <> 'complete'
-           AND (last_error LIKE '%dropped the association or timed out%'
-                OR last_error LIKE '%cannot associate with%'
-                OR last_error LIKE '%the worker holding the claim died%');
-    END IF;
-END;
-$$;
+-- this column, every claim counted as an attempt: when StateStore.create_schema() adds it, it
+-- moves the count of series whose last error was a connection fault to network_faults, and
+-- those given up for it become retryable (store/base.py, NETWORK_FAULTS_MIGRATION).
+ALTER TABLE series ADD COLUMN IF NOT EXISTS network_faults INTEGER NOT NULL DEFAULT 0;
 
 -- The adaptive request rate (dicom_assets.pacs.adaptive_rate): the limit in force after the
 -- PACS's resets, shared by every worker and machine through this row.

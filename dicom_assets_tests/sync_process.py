@@ -26,7 +26,7 @@ import sqlalchemy as sa
 import yaml
 from sqlalchemy.pool import NullPool
 
-from dicom_assets.devpacs import CohortSpec, CohortSummary, generate_cohort
+from dicom_assets.devpacs import CohortSpec, CohortSummary, DevPacs, generate_cohort
 from dicom_assets.layout import archive_name, instances_on_disk, patient_key
 from dicom_assets_tests.conftest import free_port
 
@@ -222,3 +222,20 @@ def sync_phase(log_text: str) -> str:
     if "discovering patients" in log_text:
         return "discovery"
     return "startup"
+
+
+class CountingPacs(DevPacs):
+    """The bundled PACS, noting every instance a C-MOVE/C-GET hands to its sending association
+    (one it only planned to send, before the association went away, is not noted): what was
+    fetched twice shows as a repeated (SeriesInstanceUID, SOPInstanceUID)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[str, str]] = []
+
+    def _sub_operations(self, event: Any, instances: Any) -> Iterator[Any]:  # type: ignore[override]
+        for status, dataset in DevPacs._sub_operations(event, instances):
+            if dataset is not None:
+                ids = dataset.devpacs_instance.ids
+                self.sent.append((ids[2], ids[3]))
+            yield status, dataset

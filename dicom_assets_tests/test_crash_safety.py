@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from dicom_assets.devpacs import CohortSummary, DevPacs, add_series
 from dicom_assets_tests.conftest import free_port, require_service
 from dicom_assets_tests.sync_process import (
-    RECEIVER_AE, check_archives, check_complete, check_downloads, db_engine, finish_sync, make_cohort,
+    RECEIVER_AE, CountingPacs, check_archives, check_complete, check_downloads, db_engine, finish_sync, make_cohort,
     pacs_subprocess, port_bindable, run_sync, series_rows, start_sync, sync_phase, write_config,
 )  # fmt: skip
 
@@ -195,22 +195,6 @@ def test_sync_completes_through_periodic_drops(tmp_path: Path, pg_url: str) -> N
 # 3. PostgreSQL restarted mid-run (a throwaway cluster, never the shared server)
 
 
-class _CountingPacs(DevPacs):
-    """DevPacs that notes every instance a C-MOVE/C-GET hands to its sending association (one
-    it only planned to send, before the association went away, is not noted)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: list[tuple[str, str]] = []  # (SeriesInstanceUID, SOPInstanceUID)
-
-    def _sub_operations(self, event: Any, instances: Any) -> Iterator[Any]:  # type: ignore[override]
-        for status, dataset in DevPacs._sub_operations(event, instances):
-            if dataset is not None:
-                ids = dataset.devpacs_instance.ids
-                self.sent.append((ids[2], ids[3]))
-            yield status, dataset
-
-
 def _pg_bin(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
@@ -277,7 +261,7 @@ def test_postgres_restart_mid_run(tmp_path: Path, throwaway_pg: tuple[str, Any])
     url, restart = throwaway_pg
     cohort = make_cohort(tmp_path / "pacs", patients=3, series=3, slices=20, size=128, seed=13)
     receiver_port = free_port()
-    with _CountingPacs(tmp_path / "pacs", move_destinations={RECEIVER_AE: ("127.0.0.1", receiver_port)}) as pacs:
+    with CountingPacs(tmp_path / "pacs", move_destinations={RECEIVER_AE: ("127.0.0.1", receiver_port)}) as pacs:
         config = write_config(tmp_path, pacs.port, receiver_port, url)
         log = tmp_path / "sync-1.log"
         proc = start_sync(tmp_path, config, log)

@@ -37,6 +37,7 @@ from dicom_assets.pacs.receiver import STATUS_OUT_OF_RESOURCES, StorageReceiver
 from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port, require_service
 from dicom_assets_tests.sync_process import (
+    CountingPacs,
     RECEIVER_AE,
     check_archives,
     check_complete,
@@ -86,20 +87,6 @@ def tmpfs() -> Iterator[Callable[[Path, int], Callable[[int], None]]]:
             _mount_tool("umount", "-l", str(directory))  # still busy: detach it lazily
 
 
-class _CountingPacs(DevPacs):
-    """The bundled PACS, noting every instance a C-MOVE/C-GET hands to its sending association."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.sent: list[tuple[str, str]] = []  # (SeriesInstanceUID, SOPInstanceUID)
-
-    def _sub_operations(self, event: Any, instances: Any) -> Iterator[Any]:  # type: ignore[override]
-        for status, dataset in DevPacs._sub_operations(event, instances):
-            if dataset is not None:
-                self.sent.append(dataset.devpacs_instance.ids[2:4])
-            yield status, dataset
-
-
 def _cohort(directory: Path, patients: int, series: int, slices: int) -> CohortSummary:
     return make_cohort(directory, patients, series, slices, size=SIZE, seed=29)
 
@@ -138,7 +125,7 @@ def test_full_download_dir_stops_the_sync_and_the_next_one_resumes(
     downloads = tmp_path / "downloads"
     resize = tmpfs(downloads, 192)  # 16 instances of 3 pages: then not one page is free
     receiver_port = free_port()
-    with _CountingPacs(tmp_path / "pacs", move_destinations={RECEIVER_AE: ("127.0.0.1", receiver_port)}) as pacs:
+    with CountingPacs(tmp_path / "pacs", move_destinations={RECEIVER_AE: ("127.0.0.1", receiver_port)}) as pacs:
         config = write_config(tmp_path, pacs.port, receiver_port, pg_url, retrieve_method=method)
         code1, out1 = run_sync(tmp_path, config, "full")
         sent1, pacs.sent[:] = list(pacs.sent), []

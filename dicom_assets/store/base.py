@@ -70,8 +70,8 @@ def _series_state(row: Any) -> SeriesState:
     )
 
 
-#: The one-off move of connection-fault attempts to ``network_faults`` (see schema.sql, where
-#: PostgreSQL runs the same statement); for SQLite DBs made before that column existed.
+#: The one-off move of connection-fault attempts to ``network_faults``, run when create_schema adds
+#: that column to an older state DB (PostgreSQL and SQLite; see schema.sql).
 NETWORK_FAULTS_MIGRATION = """
 UPDATE series
    SET network_faults = attempts, attempts = 0,
@@ -98,6 +98,14 @@ def _add_missing_sqlite_columns(conn: sa.Connection) -> set[tuple[str, str]]:
             conn.exec_driver_sql(ddl)
             added.add((table.name, column.name))
     return added
+
+
+def _has_column(cursor: Any, table: str, column: str) -> bool:
+    cursor.execute(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = %s AND column_name = %s)", (table, column),
+    )  # fmt: skip
+    return bool(cursor.fetchone()[0])
 
 
 def _schema_applied(cursor: Any, digest: str) -> bool:
@@ -207,7 +215,10 @@ class StoreBase:
                         return
                     cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
                     if not _schema_applied(cursor, digest):
+                        had_network_faults = _has_column(cursor, "series", "network_faults")
                         cursor.execute(sql)
+                        if not had_network_faults:
+                            cursor.execute(NETWORK_FAULTS_MIGRATION)
                         cursor.execute("INSERT INTO schema_applied (sha256) VALUES (%s)", (digest,))
                 finally:
                     cursor.close()
