@@ -248,7 +248,7 @@ class SeriesRetriever:
         timeout = self.settings.pacs.timeout_s
         return self.session.move(
             series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids,
-            still_arriving=lambda: time.monotonic() - flight.last_arrival < timeout,
+            patience=flight.patience(timeout),
         )  # fmt: skip
 
     @staticmethod

@@ -31,8 +31,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     Verification,
 )
 
+from dicom_assets.config import PacsSettings
 from dicom_assets.devpacs import CohortSpec, CohortSummary, DevPacs, GeneratedSeries, add_series, generate_cohort
 from dicom_assets.devpacs import server as devpacs_server
+from dicom_assets.pacs.client import PacsClient
+from dicom_assets.pacs.receiver import StorageReceiver
+from dicom_assets_tests.conftest import free_port
 
 HOST = "127.0.0.1"
 LONG_ID = "a long id/" + "x" * 54
@@ -400,6 +404,78 @@ def test_get_converts_when_the_stored_syntax_is_refused(served: Served) -> None:
         converted = pydicom.dcmread(pydicom.filebase.DicomBytesIO(data), force=True)
         assert converted.SOPInstanceUID == uid
         assert converted.PixelData == original.PixelData
+
+
+# --------------------------------------------------------------------------------------------
+# C-MOVE sub-operations and pynetdicom's reactor thread.
+
+
+class _CheckpointPassedTooEarly(threading.Event):
+    """A reactor checkpoint as ``send_c_store`` finds it when the reactor has just gone past it.
+
+    ``send_c_store`` pauses the sub-association's reactor with ``_reactor_checkpoint.clear()``,
+    then goes ahead once ``_is_paused`` reads True. The reactor sets ``_is_paused`` True, passes
+    ``wait()`` and only then sets it False and polls the DIMSE queue: a pause that comes in
+    between is late for that loop. Here it is late on every loop (``clear`` does nothing), and
+    the reactor is scheduled out for a moment after passing the checkpoint.
+    """
+
+    def clear(self) -> None:
+        pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        time.sleep(0.002)
+        return True
+
+
+def test_move_sub_operation_response_is_not_taken_by_the_reactor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A C-STORE-RSP taken by the sub-association's reactor left the C-MOVE waiting for
+    pynetdicom's DIMSE timeout (30 s) with nothing sent, so our requestor waited
+    ``pacs.timeout_s`` and gave up. Forced here: the reactor polls while its pause is late and
+    the sender waits for the response a moment after sending the C-STORE. (Our own requestor
+    and storage SCP: what is measured is the wait a retrieval sees.)"""
+    summary = generate_cohort(tmp_path / "pacs", CohortSpec(patients=1, series_per_study=1, slices_per_series=5, rows=32, columns=32))
+    target = summary.series[0]
+    polls_with_a_response_waiting = 0
+    associate_as_before = devpacs_server._DevPacsAE.associate
+
+    def associate_with_a_late_pause(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        assoc = associate_as_before(self, *args, **kwargs)
+        assoc._reactor_checkpoint = _CheckpointPassedTooEarly()
+        get_msg = assoc.dimse.get_msg
+
+        def late_sender_and_eager_reactor(block: bool = False):  # type: ignore[no-untyped-def]
+            nonlocal polls_with_a_response_waiting
+            if block:  # send_c_store, scheduled out between sending the C-STORE and waiting
+                time.sleep(0.2)
+            elif assoc.dimse.msg_queue.qsize():  # the reactor, with the response in the queue
+                polls_with_a_response_waiting += 1
+            return get_msg(block)
+
+        assoc.dimse.get_msg = late_sender_and_eager_reactor
+        return assoc
+
+    monkeypatch.setattr(devpacs_server._DevPacsAE, "associate", associate_with_a_late_pause)
+    timeout_s = 20.0
+    receiver_port = free_port()
+    with (
+        StorageReceiver("DICOM_ASSETS", HOST, receiver_port, tmp_path / "downloads", ["DEVPACS"]) as receiver,
+        DevPacs(tmp_path / "pacs", move_destinations={"DICOM_ASSETS": (HOST, receiver_port)}) as pacs,
+    ):
+        settings = PacsSettings(host=HOST, port=pacs.port, called_ae_title="DEVPACS", calling_ae_title="DICOM_ASSETS",
+                                timeout_s=timeout_s, max_attempts=1)  # fmt: skip
+        flight = receiver.sink.expect(target.patient_id, target.study_instance_uid, target.series_instance_uid)
+        started = time.monotonic()
+        with PacsClient(settings).session() as session:
+            final = session.move(
+                target.study_instance_uid, target.series_instance_uid, "DICOM_ASSETS",
+                patience=flight.patience(timeout_s),
+            )  # fmt: skip
+        took = time.monotonic() - started
+    assert polls_with_a_response_waiting >= 1, "the reactor never polled with a response waiting: nothing was forced"
+    assert took < timeout_s / 2, f"the C-MOVE took {took:.1f} s ({final.describe()}): the PACS sat out a DIMSE timeout"
+    assert (final.status, final.completed, final.failed) == (0x0000, 5, 0)
+    assert flight.received == 5
 
 
 # --------------------------------------------------------------------------------------------

@@ -66,7 +66,7 @@ def test_iter_inventory_chunks_and_order(seeded: StateStore) -> None:
     assert list(frame["archive_name"].where(frame["archive_name"].notna(), None)) == [
         None, None, None, "B__seriesCount1.zip", None]
     b = frame[frame["patient_id"] == "B"].iloc[0]
-    assert (b["download_status"], b["downloaded_instances"], b["downloaded_bytes"], b["attempts"]) == ("complete", 3, 3000, 1)
+    assert (b["download_status"], b["downloaded_instances"], b["downloaded_bytes"], b["attempts"]) == ("complete", 3, 3000, 0)  # complete: no attempt counted
     assert b["downloaded_at"].tzinfo is not None and pd.isna(frame["downloaded_at"][0])
     assert list(seeded.iter_inventory()) != [] and len(list(seeded.iter_inventory())[0]) == 5
 

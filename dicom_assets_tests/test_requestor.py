@@ -88,7 +88,7 @@ def _move(pacs: QuietPacs, receiver: StorageReceiver, target: Any, timeout_s: fl
     with PacsClient(settings).session() as session:
         final = session.move(
             target.study_instance_uid, target.series_instance_uid, "DICOM_ASSETS",
-            still_arriving=lambda: time.monotonic() - flight.last_arrival < timeout_s,
+            patience=flight.patience(timeout_s),
         )  # fmt: skip
     return final, flight
 
@@ -103,6 +103,19 @@ def test_a_move_without_pending_responses_outlasts_the_timeout_while_instances_a
     assert final.status == 0 and final.completed == len(bodies)
     assert flight.received == len(bodies)
     assert took > 2 * 0.5  # the C-MOVE really lasted longer than the timeout
+
+
+def test_a_quiet_move_times_out_one_timeout_after_the_last_instance_not_two(tmp_path: Path, series) -> None:
+    """One instance at once, then a PACS silent for long: the C-MOVE gives up timeout_s after that
+    instance (about 2 s), not after a second full read timeout (4 s and more)."""
+    target, bodies = series
+    with StorageReceiver("DICOM_ASSETS", "127.0.0.1", free_port(), tmp_path / "downloads", ["QUIET"]) as receiver:
+        pacs = QuietPacs(receiver.port, bodies[:1], gap_s=8.0)
+        started = time.monotonic()
+        with pytest.raises(PacsUnavailable, match="dropped the association or timed out"):
+            _move(pacs, receiver, target, timeout_s=2.0)
+        took = time.monotonic() - started
+    assert 2.0 <= took < 3.2, took
 
 
 def test_a_move_with_nothing_arriving_still_times_out(tmp_path: Path, series) -> None:

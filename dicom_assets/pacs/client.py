@@ -502,18 +502,19 @@ class PacsSession:
         series_uid: str,
         destination: str,
         sop_uids: Sequence[str] | None = None,
-        still_arriving: Callable[[], bool] | None = None,
+        patience: Callable[[], float] | None = None,
     ) -> RetrieveStatus:
         """C-MOVE a series (or some of its instances) to ``destination``; returns the final status.
 
-        ``still_arriving`` (instances reached the receiver lately) keeps a C-MOVE without Pending
-        responses from timing out while it works; see RequestorAssociation.send_c_move.
+        ``patience`` (seconds left of the timeout since an instance last reached the receiver)
+        keeps a C-MOVE without Pending responses from timing out while it works; see
+        RequestorAssociation.send_c_move.
         """
         assoc = self._ready()
         self._take_token("C-MOVE")
         ident = self._retrieve_identifier(study_uid, series_uid, sop_uids)
         responses = self._responses(
-            lambda: assoc.send_c_move(ident, destination, MOVE_MODELS["study"], still_arriving), "C-MOVE"
+            lambda: assoc.send_c_move(ident, destination, MOVE_MODELS["study"], patience), "C-MOVE"
         )
         final = self._final_status(responses, "C-MOVE")
         if final.status == MOVE_DESTINATION_UNKNOWN or self.client.note_empty_move_failure(final):

@@ -93,6 +93,11 @@ class InFlightRetrieve:
         self.last_errno = exc.errno
         log.error(self.last_error)
 
+    def patience(self, timeout_s: float) -> "callable[[], float]":  # type: ignore[valid-type]
+        """For a C-MOVE without Pending responses: the seconds left until ``timeout_s`` has passed
+        since the last instance arrived (<= 0: the PACS has gone quiet for a whole timeout)."""
+        return lambda: timeout_s - (time.monotonic() - self.last_arrival)
+
     def wait_for_stragglers(self, done: "callable[[], bool]", idle_s: float) -> None:  # type: ignore[valid-type]
         """Wait until ``done()`` or until nothing has arrived for ``idle_s`` seconds.
 

@@ -178,18 +178,20 @@ class RequestorAssociation:
         yield from self._responses(context_id)
 
     def send_c_move(
-        self, identifier: Dataset, destination: str, model: str, still_arriving: Callable[[], bool] | None = None
+        self, identifier: Dataset, destination: str, model: str, patience: Callable[[], float] | None = None
     ) -> Iterator[tuple[ResponseStatus, Dataset | None]]:
         """C-MOVE; the instances go to ``destination`` over another association.
 
-        ``still_arriving``: asked when no response came within the timeout. Some PACS send no
-        Pending responses, only the final one after the last instance; while instances keep
-        arriving at our receiver, such a C-MOVE is working, not hung, and is waited for.
+        ``patience``: asked when no response came within the timeout, answers the seconds to
+        keep waiting. Some PACS send no Pending responses, only the final one after the last
+        instance; while instances keep arriving at our receiver, such a C-MOVE is working, not
+        hung, and is waited for until the timeout has passed since the last instance
+        (:meth:`~dicom_assets.pacs.receiver.InFlightRetrieve.patience`).
         """
         context_id = self._context(model)
         values = {0x00000100: C_MOVE_RQ, 0x00000600: ul.ae_title(destination), 0x00000700: 0, 0x00000800: 0x0000}
         self._send(context_id, values, model, identifier)
-        self._assoc.reader.patience = still_arriving
+        self._assoc.reader.patience = patience
         try:
             yield from self._responses(context_id)
         finally:

@@ -62,8 +62,10 @@ class _Buffered:
         self.buf = bytearray(size)
         self.view = memoryview(self.buf)
         self.start = self.end = 0
-        #: Asked when a read times out: True means "the peer is still working, keep waiting".
-        self.patience: Callable[[], bool] | None = None
+        #: Asked when a read times out: the seconds to keep waiting (the peer is still working
+        #: elsewhere, e.g. sending a C-MOVE's instances); <= 0 means give up.
+        self.patience: Callable[[], float] | None = None
+        self._saved_timeout: float | None = None
 
     def _fill(self, need: int) -> None:
         """Make at least ``need`` (<= buffer size) bytes available from ``start``."""
@@ -77,12 +79,24 @@ class _Buffered:
             try:
                 got = self.sock.recv_into(self.view[self.end :])
             except TimeoutError:
-                if self.patience is not None and self.patience():
-                    continue
-                raise
+                more = self.patience() if self.patience is not None else 0.0
+                if more <= 0:
+                    self._restore_timeout()
+                    raise
+                if self._saved_timeout is None:
+                    self._saved_timeout = self.sock.gettimeout()
+                self.sock.settimeout(more)  # exactly as long as the patience says, not a full timeout more
+                continue
+            if self._saved_timeout is not None:
+                self._restore_timeout()
             if not got:
                 raise ConnectionClosed("the peer closed the connection")
             self.end += got
+
+    def _restore_timeout(self) -> None:
+        if self._saved_timeout is not None:
+            self.sock.settimeout(self._saved_timeout)
+            self._saved_timeout = None
 
     def exact(self, n: int) -> bytes:
         self._fill(n)
