@@ -328,8 +328,9 @@ def _on_disk(directory: Path) -> dict[str, int]:
 class RunClaims:
     """The claims of one retrieval run, shared by its workers (thread-safe).
 
-    A run claims each series at most once (a retry after a transient failure happens inside
-    that claim's backoff loop), so a series that ended failed/incomplete is not retried in a loop:
+    A run claims each series at most once (going again after progress, a connection fault or
+    an A7xx/C0xx answer happens inside :func:`_settle`), so a series that ended incomplete is
+    not retried in a loop:
     the state DB records the run in the claimed row (``series.claimed_in_run``) and the claim
     skips rows of this run, one indexed comparison however many series the run has tried.
     Claims go in patient order and resume at the patient of the previous claim, so a claim does

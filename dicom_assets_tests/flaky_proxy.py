@@ -191,7 +191,9 @@ class FlakyProxy:
     ``random.Random(seed)`` (measured from the previous reset; a reset due while the port is
     refusing is skipped); None means no periodic resets. ``refuse_for_s``: how long new
     connections are refused after each reset (0: not at all). ``port``: 0 picks a free loopback
-    port; either way the port stays the same across refusals.
+    port; either way the port stays the same across refusals. ``link_bytes_per_s``: the link's
+    bandwidth, shared by every connection in both directions (a token bucket; None: unlimited),
+    so that a transfer lasts long enough for resets to hit it.
 
     Counters (read them any time; ``stats()`` gives a consistent snapshot):
     ``resets`` reset events (periodic, ``reset_now()``, ``outage()``, ``go_down()``);
@@ -211,6 +213,7 @@ class FlakyProxy:
         seed: int = 0,
         listen_host: str = "127.0.0.1",
         port: int = 0,
+        link_bytes_per_s: float | None = None,
     ) -> None:
         self._target_family = loopback_family(target[0])
         self._family = loopback_family(listen_host)
@@ -242,6 +245,10 @@ class FlakyProxy:
         self._pairs: set[_Pair] = set()
         self._down_until: float | None = None
         self._next_reset_at = math.inf
+        self.link_bytes_per_s = link_bytes_per_s
+        self._tokens = 0.0 if link_bytes_per_s is None else float(RECV_BYTES)
+        self._tokens_at = time.monotonic()
+        self._throttled_until: float | None = None
 
     # ----------------------------------------------------------------- public API
 
@@ -411,7 +418,8 @@ class FlakyProxy:
             self._fail_pending_commands()
 
     def _tick_timeout(self) -> float:
-        deadline = min(self._next_reset_at, math.inf if self._down_until is None else self._down_until)
+        deadline = min(self._next_reset_at, math.inf if self._down_until is None else self._down_until,
+                       math.inf if self._throttled_until is None else self._throttled_until)
         return max(0.0, min(MAX_TICK_S, deadline - time.monotonic()))
 
     def _dispatch(self, key: selectors.SelectorKey, mask: int) -> None:
@@ -434,6 +442,10 @@ class FlakyProxy:
     def _fire_timers(self) -> None:
         """End a refusal window that is over; do a periodic reset that is due (only while up)."""
         now = time.monotonic()
+        if self._throttled_until is not None and now >= self._throttled_until:
+            self._throttled_until = None  # the link has bandwidth again: read on every pair
+            for pair in list(self._pairs):
+                self._watch(pair)
         if self._down_until is not None and now >= self._down_until:
             try:
                 self._come_up()
@@ -601,7 +613,7 @@ class FlakyProxy:
         if pair.connecting:
             return selectors.EVENT_WRITE if end is pair.upstream else 0
         events = 0
-        if not end.eof and not pair.other(end).outbox:
+        if not end.eof and not pair.other(end).outbox and self._throttled_until is None:
             events |= selectors.EVENT_READ
         if end.outbox:
             events |= selectors.EVENT_WRITE
@@ -642,7 +654,7 @@ class FlakyProxy:
         """Read what ``src`` sent and forward it (or its half-close) to the other end."""
         dst = pair.other(src)
         try:
-            data = src.sock.recv(RECV_BYTES)
+            data = src.sock.recv(self._allowance())
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:  # the peer reset: pass the reset on, as the network would
@@ -653,7 +665,27 @@ class FlakyProxy:
             src.eof = True
         else:
             dst.outbox += data
+            self._spend(len(data))
         self._flush(pair, dst)
+
+    def _allowance(self) -> int:
+        """Bytes one read may take: what the link's token bucket holds (all when unlimited)."""
+        if self.link_bytes_per_s is None:
+            return RECV_BYTES
+        now = time.monotonic()
+        self._tokens = min(float(RECV_BYTES), self._tokens + (now - self._tokens_at) * self.link_bytes_per_s)
+        self._tokens_at = now
+        return max(1, min(RECV_BYTES, int(self._tokens)))
+
+    def _spend(self, n: int) -> None:
+        """Take ``n`` bytes from the bucket; once it is empty, no pair reads until it refills."""
+        if self.link_bytes_per_s is None:
+            return
+        self._tokens -= n
+        if self._tokens < 1:
+            self._throttled_until = time.monotonic() + (1 - self._tokens) / self.link_bytes_per_s
+            for pair in list(self._pairs):
+                self._watch(pair)
 
     def _flush(self, pair: _Pair, dst: _End) -> None:
         """Write as much of ``dst.outbox`` as the socket takes; pass a half-close on once drained."""

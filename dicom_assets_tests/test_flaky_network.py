@@ -2,7 +2,7 @@
 
 :class:`FlakyProxy` sits between the sync (a real process) and the bundled PACS: it resets every
 connection every 1-3 s (random, seeded) and refuses new ones for half a second after each reset.
-The sync runs with its defaults but for a shorter backoff; it must finish in at most 3 passes
+The link carries 4 MB/s, so the transfer spans many resets. The sync runs with its defaults but for a shorter backoff; it must finish in at most 3 passes
 with every instance on disk exactly once, no corrupt file and no series given up. A second test
 takes the PACS away for longer than ``pacs.wait_for_pacs_s`` mid-retrieval: the run ends with a
 clear message and no attempt used, and the next sync, with the PACS back, completes.
@@ -28,6 +28,8 @@ from dicom_assets_tests.sync_process import (
 )  # fmt: skip
 
 MAX_PASSES = 3
+#: A 4 MB/s link (a slow VPN): the cohort's transfer lasts over ten seconds, so resets hit it.
+LINK_BYTES_PER_S = 4e6
 
 
 def _lowest_rate(pg_url: str, port: int) -> tuple[int, int]:
@@ -41,9 +43,9 @@ def _lowest_rate(pg_url: str, port: int) -> tuple[int, int]:
 
 
 def test_sync_through_a_link_that_resets_every_few_seconds(tmp_path: Path, pg_url: str) -> None:
-    cohort = make_cohort(tmp_path / "pacs", patients=4, series=2, slices=50, size=384, seed=41)  # 400 instances
+    cohort = make_cohort(tmp_path / "pacs", patients=4, series=2, slices=50, size=256, seed=41)  # 400 instances, 52 MB
     with DevPacs(tmp_path / "pacs") as pacs, FlakyProxy(
-        ("127.0.0.1", pacs.port), reset_every=(1.0, 3.0), refuse_for_s=0.5, seed=41
+        ("127.0.0.1", pacs.port), reset_every=(1.0, 3.0), refuse_for_s=0.5, seed=41, link_bytes_per_s=LINK_BYTES_PER_S,
     ) as proxy:
         config = write_config(tmp_path, proxy.port, free_port(), pg_url, retrieve_method="c-get", retry_initial_s=0.5)
         started = time.monotonic()

@@ -158,7 +158,7 @@ def assert_fully_synced(site: Site, report: Any) -> None:
         state = store.get_series(s.series_instance_uid)
         assert state is not None, f"series {s.series_instance_uid} of {s.patient_id!r} not discovered"
         assert (state.download_status, state.expected_instances, state.downloaded_instances) == ("complete", SLICES, SLICES)
-        assert state.attempts == 1 and state.last_error is None and state.claimed_by is None
+        assert state.attempts == 0 and state.last_error is None and state.claimed_by is None  # nothing refused
         assert sorted(instances_on_disk(site.series_directory(s))) == sorted(s.sop_instance_uids)
 
     archives = site.root / "archives"
@@ -203,7 +203,7 @@ def test_sync_from_orthanc_then_resync_fetches_nothing(make_site, method: str) -
     files = _files(site.root / "downloads")
     zips = _files(site.root / "archives")
     again = site.sync()
-    assert_fully_synced(site, again)  # attempts still 1: no series was claimed again
+    assert_fully_synced(site, again)  # no series was claimed again
     assert again.bytes_received == 0 and again.instances_received == 0
     assert site.retrieve_requests(kind) == ["SERIES"] * len(site.cohort.series)  # Orthanc saw no new retrieve
     assert _files(site.root / "downloads") == files  # no new, rewritten or leftover temp file
@@ -283,7 +283,6 @@ def test_partial_series_fetches_only_the_missing_instances_at_image_level(make_s
     kind = "Move" if method == "c-move" else "Get"
     assert site.sync().ok
     target, kept, missing_bytes = _break_one_series(site)
-    others = {s.series_instance_uid: site.store.get_series(s.series_instance_uid).attempts for s in site.cohort.series}
 
     report = site.sync()
     stuck = site.store.get_series(target.series_instance_uid)
@@ -293,12 +292,9 @@ def test_partial_series_fetches_only_the_missing_instances_at_image_level(make_s
     assert report.bytes_received == missing_bytes  # only the two deleted instances came again
     assert sorted(instances_on_disk(site.series_directory(target))) == sorted(target.sop_instance_uids)
     assert all(f.stat().st_ino == ino for f, ino in kept.items())  # files on disk untouched
-    assert site.retrieve_requests(kind) == ["SERIES"] * len(site.cohort.series) + ["IMAGE"]
+    assert site.retrieve_requests(kind) == ["SERIES"] * len(site.cohort.series) + ["IMAGE"]  # no complete one again
     state = site.store.get_series(target.series_instance_uid)
-    assert (state.download_status, state.downloaded_instances, state.attempts) == ("complete", SLICES, 2)
-    for uid, attempts in others.items():
-        if uid != target.series_instance_uid:
-            assert site.store.get_series(uid).attempts == attempts  # complete series not retrieved again
+    assert (state.download_status, state.downloaded_instances, state.attempts) == ("complete", SLICES, 0)
     assert_fully_synced_except_attempts(site, report)
 
 
