@@ -1,0 +1,240 @@
+"""One attempt at one series: what the PACS is asked, what arrived, and the verdict.
+
+:class:`SeriesRetriever` makes one attempt at a claimed series with one PACS session: it
+lists what is missing (IMAGE-level C-FIND when the series is partial, its count unknown, or the
+method is C-GET), asks for it (C-MOVE to our storage SCP, or C-GET over the session's
+association), waits for stragglers and judges the result from what is on disk
+(:class:`SeriesOutcome`). The run around it (claims, workers, retries, the state DB) is
+:mod:`dicom_assets.retrieval`.
+
+C-GET proposes one presentation context per (SOP class, transfer syntax) for the classes the
+IMAGE-level answer names, so the PACS sends every instance as it stores it
+(:mod:`dicom_assets.pacs.contexts`); classes that need more than one association's 128
+contexts are fetched by several C-GETs. Each instance's syntax as received is returned for the
+state DB; an instance the PACS says it stores lossless but sent lossy is removed and the series
+is not complete (:mod:`dicom_assets.pacs.syntaxes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from dicom_assets import stopping
+from dicom_assets.config import Settings
+from dicom_assets.layout import instances_on_disk, remove_stale_temps, series_dir
+from dicom_assets.pacs.client import PacsClient, PacsSession, RetrieveStatus
+from dicom_assets.pacs.errors import (
+    MoveDestinationUnknown,
+    PacsError,
+    PacsRequestFailed,
+    is_connection_fault,
+    transient_status,
+)
+from dicom_assets.pacs.receiver import DISK_ERRNOS, InFlightRetrieve, InstanceSink
+from dicom_assets.store import SeriesState
+
+log = logging.getLogger("dicom_assets.retrieval")
+
+
+@dataclass(frozen=True)
+class SeriesOutcome:
+    series_instance_uid: str
+    status: str
+    instances: int
+    bytes_on_disk: int
+    bytes_received: int
+    seconds: float
+    error: str | None = None
+    #: Why it is not complete: "network" (the connection broke), "busy" (A7xx/C0xx: back off and
+    #: retry), "pacs" (the PACS answered and something is still missing), "storage" (local write).
+    fault: str | None = None
+    attempts: int = 0  # attempts without progress refused by the PACS, across runs (state DB)
+    storage_errno: int | None = None  # errno of a local write failure (disk full, read-only ...)
+    new_instances: int = 0  # instances this attempt brought to disk: progress
+    answered: bool = False  # the PACS sent the retrieve's final status
+    given_up: bool = False  # pacs.max_attempts attempts without progress: no longer claimed
+
+    @property
+    def progressed(self) -> bool:
+        return self.new_instances > 0
+
+
+class SeriesRetriever:
+    """Retrieves claimed series with one PACS session; the receiving side depends on the method."""
+
+    def __init__(self, settings: Settings, client: PacsClient, sink: InstanceSink, session: PacsSession) -> None:
+        self.settings = settings
+        self.client = client
+        self.sink = sink
+        self.session = session
+        self.download_dir = settings.paths.download_dir
+
+    def retrieve(self, series: SeriesState) -> tuple[SeriesOutcome, int | None]:
+        """One attempt at one series; returns the outcome and the expected count it learned."""
+        started = time.monotonic()
+        directory = series_dir(self.download_dir, series.patient_id, series.study_instance_uid, series.series_instance_uid)
+        expected = series.expected_instances
+        missing: list[str] | None = None
+        flight: InFlightRetrieve | None = None
+        try:
+            remove_stale_temps(directory)  # instances a killed receiver was writing
+            on_disk = instances_on_disk(directory)
+            if expected is None or 0 < len(on_disk) < expected:
+                uids = self._instance_uids(series)
+                if uids is not None and self._capped(uids):
+                    log.warning(
+                        "series %s: the IMAGE-level query hit pacs.max_find_results; retrieving the whole series",
+                        series.series_instance_uid,
+                    )
+                    expected = max(expected, len(uids)) if expected is not None else None
+                elif uids is not None:
+                    expected = len(uids)
+                    missing = [u for u in uids if u not in on_disk]
+                    if on_disk and not missing:
+                        return self._outcome(series, directory, started, "complete", None, files=on_disk), expected
+            elif len(on_disk) >= expected:
+                return self._outcome(series, directory, started, "complete", None, files=on_disk), expected
+            try:
+                directory.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                error = f"cannot create the series directory {directory}: {exc.strerror or exc}"
+                return self._outcome(series, directory, started, "failed", error, fault="storage", storage_errno=exc.errno), expected
+            flight = self.sink.expect(series.patient_id, series.study_instance_uid, series.series_instance_uid)
+            final = self._send(series, missing if on_disk and missing else None, flight)
+            before = len(on_disk)
+            if not (final.started_nothing and flight.received == 0):  # else nothing is on its way
+                flight.wait_for_stragglers(
+                    lambda: before + flight.received >= (expected or 0) and bool(expected),
+                    self.settings.pacs.straggler_timeout_s,
+                )
+            files = _on_disk(directory)
+            status, error = self._judge(final, len(files), expected, flight)
+            return (
+                self._outcome(
+                    series, directory, started, status, error, flight,
+                    fault=_fault_of(status, final, flight), answered=True, files=files,
+                ),
+                expected,
+            )  # fmt: skip
+        except (MoveDestinationUnknown, stopping.Stopped):
+            raise
+        except PacsError as exc:
+            if flight is not None and flight.last_errno in DISK_ERRNOS:  # the PACS gave up on our full disk
+                return self._outcome(series, directory, started, "failed", flight.last_error, flight, fault="storage"), expected
+            network = is_connection_fault(exc)
+            fault = "network" if network else "busy" if _busy(exc) else "pacs"
+            status = "incomplete" if network else "failed"
+            return self._outcome(series, directory, started, status, str(exc), flight, fault=fault), expected
+        except OSError as exc:  # reading the series directory (e.g. a file where a directory must be)
+            error = f"cannot read the series directory {directory}: {exc.strerror or exc}"
+            return self._outcome(series, directory, started, "failed", error, fault="storage", storage_errno=exc.errno), expected
+        finally:
+            if flight is not None:
+                self.sink.done(flight)
+
+    def _capped(self, found: list[str]) -> bool:
+        cap = self.settings.pacs.max_find_results
+        return bool(cap) and len(found) >= cap
+
+    def _instance_uids(self, series: SeriesState) -> list[str] | None:
+        """The series' SOP Instance UIDs from an IMAGE-level C-FIND; None (count unknown) when the
+        PACS refuses IMAGE-level queries. Transient failures propagate (the attempt is retried)."""
+        try:
+            uids = self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
+        except PacsRequestFailed as exc:
+            if transient_status(exc.status):
+                raise
+            log.warning(
+                "series %s: no instance count (NumberOfSeriesRelatedInstances absent and %s); "
+                "retrieving the whole series with the count unknown", series.series_instance_uid, exc,
+            )  # fmt: skip
+            return None
+        if not uids:  # a PACS that answers IMAGE-level queries with nothing: it does not know, not "none"
+            log.warning("series %s: the IMAGE-level query listed no instance; count taken as unknown", series.series_instance_uid)
+            return None
+        return uids
+
+    def _send(self, series: SeriesState, sop_uids: list[str] | None, flight: InFlightRetrieve) -> RetrieveStatus:
+        if self.settings.pacs.retrieve_method == "c-get":
+            return self.session.get(series.study_instance_uid, series.series_instance_uid, sop_uids)
+        timeout = self.settings.pacs.timeout_s
+        return self.session.move(
+            series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids,
+            patience=flight.patience(timeout),
+        )  # fmt: skip
+
+    @staticmethod
+    def _judge(final: RetrieveStatus, have: int, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:
+        """Complete only if the final is Success/Warning and every expected instance is on disk.
+
+        With the expected count unknown, only a clean Success (no failed sub-operation) counts.
+        """
+        if flight.last_error:
+            return "incomplete", flight.last_error
+        if final.status != 0x0000 and not final.is_warning:
+            return "incomplete", f"retrieve ended with {final.describe()}; {have} of {expected} instances on disk"
+        if expected is None:
+            if final.succeeded:
+                return "complete", None
+            return "incomplete", f"retrieve ended with {final.describe()} and the expected instance count is unknown"
+        if have < expected:
+            what = "reported success" if final.succeeded else f"ended with {final.describe()}"
+            return "incomplete", f"retrieve {what} but only {have} of {expected} instances are on disk"
+        return "complete", None
+
+    @staticmethod
+    def _outcome(
+        series: SeriesState,
+        directory: Path,
+        started: float,
+        status: str,
+        error: str | None,
+        flight: InFlightRetrieve | None = None,
+        fault: str | None = None,
+        answered: bool = False,
+        storage_errno: int | None = None,
+        files: dict[str, int] | None = None,
+    ) -> SeriesOutcome:
+        """``files``: the series directory's listing when the caller has just made it."""
+        if files is None:
+            files = _on_disk(directory)
+        if flight is not None and flight.last_errno is not None:
+            storage_errno = flight.last_errno
+        return SeriesOutcome(
+            series_instance_uid=series.series_instance_uid,
+            status=status,
+            instances=len(files),
+            bytes_on_disk=sum(files.values()),
+            bytes_received=flight.bytes if flight else 0,
+            seconds=time.monotonic() - started,
+            error=error,
+            fault=None if status == "complete" else fault,
+            attempts=series.attempts,
+            storage_errno=storage_errno,
+            new_instances=flight.received if flight else 0,
+            answered=answered,
+        )
+
+
+def _busy(exc: PacsError) -> bool:
+    """An A7xx/C0xx answer (e.g. to the IMAGE-level C-FIND): the PACS is busy, back off."""
+    return isinstance(exc, PacsRequestFailed) and transient_status(exc.status)
+
+
+def _fault_of(status: str, final: RetrieveStatus, flight: InFlightRetrieve) -> str | None:
+    """Why a retrieve that got its final status is not complete."""
+    if status == "complete":
+        return None
+    if flight.last_error:
+        return "storage"
+    return "busy" if final.transient else "pacs"
+
+
+def _on_disk(directory: Path) -> dict[str, int]:
+    try:
+        return instances_on_disk(directory)
+    except OSError:
+        return {}
