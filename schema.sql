@@ -160,3 +160,20 @@ ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS rate_changed_at TIMESTAMPTZ;  
 ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS resets BIGINT NOT NULL DEFAULT 0; -- resets/aborts reported, ever
 ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS lowest_limit INTEGER;            -- the lowest limit reached
 ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS last_reset_at TIMESTAMPTZ;
+
+-- Every instance written, with the transfer syntax it arrived in (dicom_assets.store.instances):
+-- a PACS that transcodes on the way (C-GET with a poor proposal) shows here and in the series'
+-- counts below, which the inventory and the validation report carry.
+CREATE TABLE IF NOT EXISTS instances (
+    sop_instance_uid            TEXT PRIMARY KEY,
+    series_instance_uid         TEXT NOT NULL REFERENCES series (series_instance_uid) ON DELETE CASCADE,
+    sop_class_uid               TEXT,
+    transfer_syntax_uid         TEXT NOT NULL,       -- as received, and in the file
+    stored_transfer_syntax_uid  TEXT,                -- as the PACS stores it (IMAGE-level Available Transfer Syntax UID); NULL: not said
+    bytes                       BIGINT NOT NULL,
+    received_at                 TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS instances_series_idx ON instances (series_instance_uid);
+ALTER TABLE series ADD COLUMN IF NOT EXISTS transfer_syntaxes TEXT;                              -- received, distinct, backslash-separated
+ALTER TABLE series ADD COLUMN IF NOT EXISTS transcoded_instances INTEGER NOT NULL DEFAULT 0;      -- received in another syntax than stored
+ALTER TABLE series ADD COLUMN IF NOT EXISTS lossy_transcoded_instances INTEGER NOT NULL DEFAULT 0; -- ... lossy from a lossless original

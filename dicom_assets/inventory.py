@@ -50,6 +50,10 @@ INVENTORY_COLUMNS: tuple[str, ...] = (
     "last_error",
     "downloaded_at",
     "archive_name",
+    "network_faults",
+    "transfer_syntaxes",
+    "transcoded_instances",
+    "lossy_transcoded_instances",
 )
 
 

@@ -357,6 +357,8 @@ def _record(
             "series %s %s (%s, %d new instance(s), %d attempt(s) counted): %s",
             series.series_instance_uid, outcome.status, outcome.fault, outcome.new_instances, attempts, outcome.error,
         )  # fmt: skip
+    if outcome.arrived:  # each instance's syntax as received (and as stored, where the PACS said)
+        store.record_instances(series.series_instance_uid, outcome.arrived, outcome.stored_syntaxes)
     store.finish_series(
         series.series_instance_uid,
         worker,

@@ -17,15 +17,18 @@ is not complete (:mod:`dicom_assets.pacs.syntaxes`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dicom_assets import stopping
 from dicom_assets.config import Settings
-from dicom_assets.layout import instances_on_disk, remove_stale_temps, series_dir
-from dicom_assets.pacs.client import PacsClient, PacsSession, RetrieveStatus
+from dicom_assets.layout import instance_file, instances_on_disk, remove_stale_temps, series_dir
+from dicom_assets.pacs.client import InstanceInfo, PacsClient, PacsSession, RetrieveStatus
+from dicom_assets.pacs.contexts import series_get_plan
+from dicom_assets.pacs.syntaxes import transcodings
 from dicom_assets.pacs.errors import (
     MoveDestinationUnknown,
     PacsError,
@@ -56,6 +59,10 @@ class SeriesOutcome:
     new_instances: int = 0  # instances this attempt brought to disk: progress
     answered: bool = False  # the PACS sent the retrieve's final status
     given_up: bool = False  # pacs.max_attempts attempts without progress: no longer claimed
+    #: Instances this attempt wrote: SOP UID -> (SOP class, syntax as received, bytes), and the
+    #: syntax the PACS says it stores each in (IMAGE level; absent: not said): for the state DB.
+    arrived: dict[str, tuple[str, str, int]] = field(default_factory=dict, compare=False, repr=False)
+    stored_syntaxes: dict[str, str | None] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def progressed(self) -> bool:
@@ -79,11 +86,14 @@ class SeriesRetriever:
         expected = series.expected_instances
         missing: list[str] | None = None
         flight: InFlightRetrieve | None = None
+        infos: list[InstanceInfo] | None = None
         try:
             remove_stale_temps(directory)  # instances a killed receiver was writing
             on_disk = instances_on_disk(directory)
-            if expected is None or 0 < len(on_disk) < expected:
-                uids = self._instance_uids(series)
+            c_get = self.settings.pacs.retrieve_method == "c-get"
+            if expected is None or 0 < len(on_disk) < expected or (c_get and len(on_disk) < expected):
+                infos = self._instances(series)
+                uids = None if infos is None else [i.sop_instance_uid for i in infos]
                 if uids is not None and self._capped(uids):
                     log.warning(
                         "series %s: the IMAGE-level query hit pacs.max_find_results; retrieving the whole series",
@@ -103,22 +113,22 @@ class SeriesRetriever:
                 error = f"cannot create the series directory {directory}: {exc.strerror or exc}"
                 return self._outcome(series, directory, started, "failed", error, fault="storage", storage_errno=exc.errno), expected
             flight = self.sink.expect(series.patient_id, series.study_instance_uid, series.series_instance_uid)
-            final = self._send(series, missing if on_disk and missing else None, flight)
+            final = self._send(series, missing if on_disk and missing else None, flight, infos)
             before = len(on_disk)
             if not (final.started_nothing and flight.received == 0):  # else nothing is on its way
                 flight.wait_for_stragglers(
                     lambda: before + flight.received >= (expected or 0) and bool(expected),
                     self.settings.pacs.straggler_timeout_s,
                 )
+            stored = _stored_syntaxes(infos)
+            lossy = self._drop_lossy_transcodes(directory, flight, stored)
             files = _on_disk(directory)
             status, error = self._judge(final, len(files), expected, flight)
-            return (
-                self._outcome(
-                    series, directory, started, status, error, flight,
-                    fault=_fault_of(status, final, flight), answered=True, files=files,
-                ),
-                expected,
-            )  # fmt: skip
+            if lossy:  # never complete with a lossy transcode in it
+                status, error = ("incomplete", lossy) if status == "complete" or error is None else (status, f"{lossy}; {error}")
+            fault = "pacs" if lossy else _fault_of(status, final, flight)
+            outcome = self._outcome(series, directory, started, status, error, flight, fault=fault, answered=True, files=files)
+            return dataclasses.replace(outcome, stored_syntaxes=stored), expected
         except (MoveDestinationUnknown, stopping.Stopped):
             raise
         except PacsError as exc:
@@ -139,32 +149,71 @@ class SeriesRetriever:
         cap = self.settings.pacs.max_find_results
         return bool(cap) and len(found) >= cap
 
-    def _instance_uids(self, series: SeriesState) -> list[str] | None:
-        """The series' SOP Instance UIDs from an IMAGE-level C-FIND; None (count unknown) when the
-        PACS refuses IMAGE-level queries. Transient failures propagate (the attempt is retried)."""
+    def _instances(self, series: SeriesState) -> list[InstanceInfo] | None:
+        """The series' instances from an IMAGE-level C-FIND; None (count unknown) when the PACS
+        refuses IMAGE-level queries. Transient failures propagate (the attempt is retried)."""
         try:
-            uids = self.session.find_instance_uids(series.study_instance_uid, series.series_instance_uid)
+            found = self.session.find_instances(series.study_instance_uid, series.series_instance_uid)
         except PacsRequestFailed as exc:
             if transient_status(exc.status):
                 raise
             log.warning(
-                "series %s: no instance count (NumberOfSeriesRelatedInstances absent and %s); "
-                "retrieving the whole series with the count unknown", series.series_instance_uid, exc,
+                "series %s: no IMAGE-level answer (%s); retrieving the whole series, its instance list "
+                "and SOP classes unknown", series.series_instance_uid, exc,
             )  # fmt: skip
             return None
-        if not uids:  # a PACS that answers IMAGE-level queries with nothing: it does not know, not "none"
+        if not found:  # a PACS that answers IMAGE-level queries with nothing: it does not know, not "none"
             log.warning("series %s: the IMAGE-level query listed no instance; count taken as unknown", series.series_instance_uid)
             return None
-        return uids
+        return found
 
-    def _send(self, series: SeriesState, sop_uids: list[str] | None, flight: InFlightRetrieve) -> RetrieveStatus:
+    def _send(
+        self, series: SeriesState, sop_uids: list[str] | None, flight: InFlightRetrieve, infos: list[InstanceInfo] | None
+    ) -> RetrieveStatus:
         if self.settings.pacs.retrieve_method == "c-get":
-            return self.session.get(series.study_instance_uid, series.series_instance_uid, sop_uids)
+            return self._get(series, sop_uids, infos)
         timeout = self.settings.pacs.timeout_s
         return self.session.move(
             series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids,
             patience=flight.patience(timeout),
         )  # fmt: skip
+
+    def _get(self, series: SeriesState, sop_uids: list[str] | None, infos: list[InstanceInfo] | None) -> RetrieveStatus:
+        """C-GET with one context per (SOP class, syntax) for the classes the IMAGE-level answer
+        named, one C-GET per group of classes that fits an association (several only for series
+        of more than three classes); the fallback proposal when the classes are unknown."""
+        study, uid = series.study_instance_uid, series.series_instance_uid
+        classes = None if not infos or any(i.sop_class_uid is None for i in infos) else {i.sop_class_uid for i in infos}
+        if classes is None:
+            self.session.propose_for(None)
+            return self.session.get(study, uid, sop_uids)
+        groups = series_get_plan(sorted(classes))  # type: ignore[arg-type]
+        if len(groups) == 1:
+            self.session.propose_for(groups[0])
+            return self.session.get(study, uid, sop_uids)
+        wanted = set(sop_uids) if sop_uids is not None else None
+        finals = []
+        for group in groups:
+            part = [i.sop_instance_uid for i in infos if i.sop_class_uid in group and (wanted is None or i.sop_instance_uid in wanted)]
+            if part:
+                self.session.propose_for(group)
+                finals.append(self.session.get(study, uid, part))
+        return _combined(finals)
+
+    def _drop_lossy_transcodes(self, directory: Path, flight: InFlightRetrieve, stored: dict[str, str | None]) -> str | None:
+        """Remove instances the PACS sent lossy-compressed though it stores them lossless (they
+        are fetched again next time, never kept silently); returns what to say, or None."""
+        found = transcodings({uid: syntax for uid, (_c, syntax, _n) in flight.arrived.items()}, stored)
+        if found.transcoded:
+            log.warning("series %s: %d instance(s) arrived in another transfer syntax than the PACS stores",
+                        flight.series_uid, len(found.transcoded))  # fmt: skip
+        if not found.lossy:
+            return None
+        message = found.describe({uid: flight.arrived[uid][1] for uid in found.lossy}, stored)
+        for sop_uid in found.lossy:
+            instance_file(directory, sop_uid).unlink(missing_ok=True)
+        log.error("series %s: %s; removed, to be fetched again", flight.series_uid, message)
+        return message
 
     @staticmethod
     def _judge(final: RetrieveStatus, have: int, expected: int | None, flight: InFlightRetrieve) -> tuple[str, str | None]:
@@ -216,7 +265,26 @@ class SeriesRetriever:
             storage_errno=storage_errno,
             new_instances=flight.received if flight else 0,
             answered=answered,
+            arrived=dict(flight.arrived) if flight else {},
         )
+
+
+def _stored_syntaxes(infos: list[InstanceInfo] | None) -> dict[str, str | None]:
+    return {i.sop_instance_uid: i.stored_transfer_syntax for i in infos or ()}
+
+
+def _combined(finals: list[RetrieveStatus]) -> RetrieveStatus:
+    """The several C-GETs of one series as one answer: the first that is not a success, with
+    the sub-operation counts summed (a count any of them left out is unknown)."""
+    if not finals:
+        return RetrieveStatus(0x0000, 0, 0, 0)
+    worst = next((f for f in finals if f.status != 0x0000), finals[0])
+
+    def total(name: str) -> int | None:
+        counts = [getattr(f, name) for f in finals]
+        return None if any(c is None for c in counts) else sum(counts)
+
+    return dataclasses.replace(worst, completed=total("completed"), failed=total("failed"), warning=total("warning"))
 
 
 def _busy(exc: PacsError) -> bool:

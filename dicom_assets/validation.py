@@ -15,7 +15,11 @@ from typing import Collection, Literal, Mapping, Sequence
 from dicom_assets import layout
 from dicom_assets.store.state import StateStore
 
-Outcome = Literal["ok", "mismatch", "unknown_expected"]
+#: ``lossy_transcode``: the PACS sent instances lossy-compressed that it stores lossless (a defect);
+#: ``transcoded``: in another syntax than stored, losslessly (the pixels are the archive's, the
+#: bytes are not). Both come from the state DB's record of each instance as received.
+Outcome = Literal["ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected"]
+OUTCOMES: tuple[str, ...] = ("ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected")
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,9 @@ class SeriesValidation:
     outcome: Outcome
     missing_sop_uids: tuple[str, ...] | None
     extra_sop_uids: tuple[str, ...] | None
+    transfer_syntaxes: str | None = None
+    transcoded_instances: int = 0
+    lossy_transcoded_instances: int = 0
 
 
 VALIDATION_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SeriesValidation))
@@ -63,6 +70,12 @@ def validate_patient(
         outcome: Outcome
         if missing or extra:
             outcome = "mismatch"
+        elif s.lossy_transcoded_instances:
+            outcome = "lossy_transcode"
+        elif s.expected_instances is not None and len(on_disk) != s.expected_instances:
+            outcome = "mismatch"
+        elif s.transcoded_instances:
+            outcome = "transcoded"
         elif s.expected_instances is None:
             outcome = "unknown_expected"
         elif len(on_disk) == s.expected_instances:
@@ -82,6 +95,9 @@ def validate_patient(
                 outcome=outcome,
                 missing_sop_uids=missing,
                 extra_sop_uids=extra,
+                transfer_syntaxes=s.transfer_syntaxes,
+                transcoded_instances=s.transcoded_instances,
+                lossy_transcoded_instances=s.lossy_transcoded_instances,
             )
         )
     return rows

@@ -51,7 +51,7 @@ def _seed(store: StateStore) -> StateStore:
 
 def test_query_columns_match_inventory_columns(store: StateStore) -> None:
     assert tuple(c.name for c in store.inventory_query().selected_columns) == INVENTORY_COLUMNS
-    assert len(INVENTORY_COLUMNS) == 28
+    assert len(INVENTORY_COLUMNS) == 32
 
 
 def test_iter_inventory_chunks_and_order(seeded: StateStore) -> None:

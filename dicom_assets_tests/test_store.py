@@ -185,6 +185,20 @@ def test_retry_lists_and_resets_given_up_series(store: StateStore) -> None:
     assert store.reset_attempts([]) == 0
 
 
+def test_instances_as_received_and_the_series_summary(store: StateStore) -> None:
+    _seed(store, "A", [("1.1", "1.1.1", 1, 3)])
+    ct, jpeg, explicit = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.1"
+    first = store.record_instances("1.1.1", {"9.1": (ct, explicit, 100), "9.2": (ct, jpeg, 40)}, {"9.2": explicit})
+    assert (first.transfer_syntaxes, first.transcoded, first.lossy_transcoded) == ((explicit, jpeg), 1, 1)
+    again = store.record_instances("1.1.1", {"9.2": (ct, explicit, 100), "9.3": (ct, explicit, 100)}, {"9.2": explicit})
+    assert (again.transfer_syntaxes, again.transcoded, again.lossy_transcoded) == ((explicit,), 0, 0)  # 9.2 fetched again
+    rows = store.instances_of("1.1.1")
+    assert [(r["sop_instance_uid"], r["transfer_syntax_uid"], r["bytes"]) for r in rows] == [
+        ("9.1", explicit, 100), ("9.2", explicit, 100), ("9.3", explicit, 100)]
+    state = store.get_series("1.1.1")
+    assert (state.transfer_syntaxes, state.transcoded_instances, state.lossy_transcoded_instances) == (explicit, 0, 0)
+
+
 def test_status_check_constraint(store: StateStore) -> None:
     _seed(store, "P", [("1.1", "1.1.1", 1, 1)])
     with pytest.raises(sa.exc.IntegrityError):

@@ -122,3 +122,18 @@ def test_write_validation_csv_is_atomic(seeded: tuple[StateStore, Path], tmp_pat
         write_validation_csv(rows, out)
     assert out.read_text() == "previous\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".part")) == []
+
+
+def test_transcoded_series_are_shown_and_lossy_ones_fail(seeded: tuple[StateStore, Path]) -> None:
+    """What the PACS sent, as recorded per instance: a lossless transcode is shown, a lossy one
+    (from a lossless original) is an outcome of its own that the asset check fails on."""
+    store, download_dir = seeded
+    ct, explicit, j2k_lossless, jpeg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.50"
+    store.record_instances(f"{STUDY}.1", {f"{STUDY}.1.1": (ct, explicit, 6), f"{STUDY}.1.2": (ct, explicit, 6)},
+                           {f"{STUDY}.1.1": j2k_lossless})  # fmt: skip
+    _files(download_dir, "a/b", f"{STUDY}.4", [f"{STUDY}.4.1"])
+    store.record_instances(f"{STUDY}.4", {f"{STUDY}.4.1": (ct, jpeg, 6)}, {f"{STUDY}.4.1": explicit})
+    rows = {r.series_instance_uid: r for r in validate_patient(store, download_dir, "a/b")}
+    assert (rows[f"{STUDY}.1"].outcome, rows[f"{STUDY}.1"].transcoded_instances, rows[f"{STUDY}.1"].transfer_syntaxes) == (
+        "transcoded", 1, explicit)
+    assert (rows[f"{STUDY}.4"].outcome, rows[f"{STUDY}.4"].lossy_transcoded_instances) == ("lossy_transcode", 1)

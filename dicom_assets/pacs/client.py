@@ -38,7 +38,14 @@ from dicom_assets.pacs.errors import (  # noqa: F401 - re-exported: the client's
     transient_status,
 )
 from dicom_assets.pacs.faults import Backoff, OutageClock, RequestGate
-from dicom_assets.pacs.contexts import FIND_MODELS, GET_MODELS, MOVE_MODELS, get_contexts, query_contexts
+from dicom_assets.pacs.contexts import (
+    FIND_MODELS,
+    GET_MODELS,
+    MOVE_MODELS,
+    get_contexts,
+    per_syntax_contexts,
+    query_contexts,
+)
 from dicom_assets.pacs.requestor import RequestorAssociation
 
 log = logging.getLogger("dicom_assets.pacs")
@@ -58,6 +65,7 @@ class RetrieveStatus:
     completed: int | None
     failed: int | None
     warning: int | None
+    error_comment: str | None = None  # (0000,0902), e.g. Orthanc's "Cannot transcode ..."
 
     @property
     def succeeded(self) -> bool:
@@ -81,10 +89,11 @@ class RetrieveStatus:
         return transient_status(self.status)
 
     def describe(self) -> str:
-        return (
+        text = (
             f"status 0x{self.status:04X}, completed {self.completed}, failed {self.failed}, "
             f"warning {self.warning}"
         )
+        return f"{text} ({self.error_comment})" if self.error_comment else text
 
 
 PATIENT_KEYS = ("PatientName", "PatientSex", "PatientBirthDate")
@@ -197,6 +206,9 @@ class PacsSession:
         self.sink = sink
         self._assoc: RequestorAssociation | None = None
         self._stop_key: int | None = None
+        #: The storage classes the C-GET association proposes one context per syntax for
+        #: (None: the fallback proposal, every common class with every syntax in one context).
+        self._proposal: tuple[str, ...] | None = None
         self.requests = 0
         self.finds = 0  # C-FINDs sent (also counted in requests)
 
@@ -212,8 +224,10 @@ class PacsSession:
         s = self.settings
         if self.sink is None:
             contexts, roles = query_contexts(), []
-        else:
+        elif self._proposal is None:
             contexts, roles = get_contexts()
+        else:
+            contexts, roles = per_syntax_contexts(self._proposal)
         self._take_token("associate")
         stopping.PROCESS.check()
         try:
@@ -486,8 +500,21 @@ class PacsSession:
         return [ds for ds in found if str(ds.get("StudyInstanceUID", study_uid)) == study_uid]
 
     def find_instance_uids(self, study_uid: str, series_uid: str) -> list[str]:
-        ident = _identifier("IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID="")
-        return sorted({str(ds.SOPInstanceUID) for ds in self.find(ident) if ds.get("SOPInstanceUID")})
+        return sorted({i.sop_instance_uid for i in self.find_instances(study_uid, series_uid)})
+
+    def find_instances(self, study_uid: str, series_uid: str) -> list["InstanceInfo"]:
+        """The series' instances from an IMAGE-level C-FIND: UID, SOP class and, where the PACS
+        says, the transfer syntax it stores it in (Available Transfer Syntax UID)."""
+        ident = _identifier(
+            "IMAGE", StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid, SOPInstanceUID="", SOPClassUID=""
+        )
+        ident.add_new(0x00083002, "UI", "")  # AvailableTransferSyntaxUID
+        found: dict[str, InstanceInfo] = {}
+        for ds in self.find(ident):
+            uid = text(ds, "SOPInstanceUID")
+            if uid:
+                found[uid] = InstanceInfo(uid, text(ds, "SOPClassUID"), text(ds, "AvailableTransferSyntaxUID"))
+        return sorted(found.values(), key=lambda i: i.sop_instance_uid)
 
     def _retrieve_identifier(self, study_uid: str, series_uid: str, sop_uids: Sequence[str] | None) -> Dataset:
         if sop_uids:
@@ -526,8 +553,19 @@ class PacsSession:
             )
         return final
 
+    def propose_for(self, sop_classes: Sequence[str] | None) -> None:
+        """Make the C-GET association propose one context per (class, syntax) for these storage
+        classes (None: the fallback proposal). An open association proposing something else is
+        released; the next request opens one with the new proposal (one association per set of
+        classes, not per series: a cohort of CT keeps one)."""
+        proposal = tuple(sorted(dict.fromkeys(sop_classes))) if sop_classes is not None else None
+        if proposal != self._proposal:
+            self.close()
+            self._proposal = proposal
+
     def get(self, study_uid: str, series_uid: str, sop_uids: Sequence[str] | None = None) -> RetrieveStatus:
-        """C-GET a series (or some of its instances); the session's ``sink`` receives them."""
+        """C-GET a series (or some of its instances); the session's ``sink`` receives them, over
+        the contexts chosen by :meth:`propose_for`."""
         if self.sink is None:
             raise PacsError("C-GET needs a session opened with a sink for the instances")
         assoc = self._ready()
@@ -546,12 +584,23 @@ class PacsSession:
                 break
         if last is None or last.Status in PENDING:
             raise self._dropped(what)
+        comment = last.get("ErrorComment")
         return RetrieveStatus(
             status=int(last.Status),
             completed=_count(last, "NumberOfCompletedSuboperations"),
             failed=_count(last, "NumberOfFailedSuboperations"),
             warning=_count(last, "NumberOfWarningSuboperations"),
+            error_comment=str(comment).strip() or None if comment else None,
         )
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One instance as an IMAGE-level C-FIND describes it (None: the PACS did not say)."""
+
+    sop_instance_uid: str
+    sop_class_uid: str | None
+    stored_transfer_syntax: str | None
 
 
 def _count(status: Dataset, keyword: str) -> int | None:

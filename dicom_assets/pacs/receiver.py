@@ -69,16 +69,21 @@ class InFlightRetrieve:
     last_error: str | None = None
     last_errno: int | None = None
     last_arrival: float = field(default_factory=time.monotonic)
+    #: Each instance written by this retrieve: SOP Instance UID -> (SOP class, transfer syntax as
+    #: received, bytes); recorded in the state DB (``instances``) to show what the PACS sent.
+    arrived: dict[str, tuple[str, str, int]] = field(default_factory=dict)
     _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
     _made: bool = field(default=False, repr=False)
 
-    def note_arrival(self, size: int, duplicate: bool) -> None:
+    def note_arrival(self, size: int, duplicate: bool, instance: "IncomingInstance | None" = None) -> None:
         with self._cond:
             if duplicate:
                 self.duplicates += 1
             else:
                 self.received += 1
                 self.bytes += size
+                if instance is not None:
+                    self.arrived[instance.sop_uid] = (instance.sop_class_uid, instance.transfer_syntax, size)
             self.last_arrival = time.monotonic()
             self._cond.notify_all()
 
@@ -277,7 +282,7 @@ class IncomingInstance:
             self._failed(exc)
             return STATUS_OUT_OF_RESOURCES
         self.tmp = None
-        self.flight.note_arrival(self.size, duplicate=False)
+        self.flight.note_arrival(self.size, duplicate=False, instance=self)
         return STATUS_SUCCESS
 
     def abort(self) -> None:

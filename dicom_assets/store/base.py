@@ -44,6 +44,9 @@ _SERIES_STATE_COLUMNS = (
     "claimed_by",
     "claim_expires_at",
     "network_faults",
+    "transfer_syntaxes",
+    "transcoded_instances",
+    "lossy_transcoded_instances",
 )
 
 

@@ -66,6 +66,9 @@ class SeriesState:
     claimed_by: str | None
     claim_expires_at: datetime | None
     network_faults: int = 0  # attempts that brought nothing new and broke on the connection
+    transfer_syntaxes: str | None = None  # as received, distinct, backslash-separated (store.instances)
+    transcoded_instances: int = 0  # received in another syntax than the PACS stores them in
+    lossy_transcoded_instances: int = 0  # ... lossy-compressed from a lossless original
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,10 @@ from dicom_assets.store.base import _utc
 if TYPE_CHECKING:
     import pandas
 
-_INT_INVENTORY_COLUMNS = ("series_number", "expected_instances", "downloaded_instances", "downloaded_bytes", "attempts")
+_INT_INVENTORY_COLUMNS = (
+    "series_number", "expected_instances", "downloaded_instances", "downloaded_bytes", "attempts", "network_faults",
+    "transcoded_instances", "lossy_transcoded_instances",
+)  # fmt: skip
 
 
 class ReportQueries(ArchiveQueries):
@@ -83,6 +86,10 @@ class ReportQueries(ArchiveQueries):
                 se.last_error,
                 se.downloaded_at,
                 a.c.file_name.label("archive_name"),
+                se.network_faults,
+                se.transfer_syntaxes,
+                se.transcoded_instances,
+                se.lossy_transcoded_instances,
             )
             .select_from(
                 t.series.join(t.studies, se.study_instance_uid == st.study_instance_uid)

@@ -30,6 +30,7 @@ from dicom_assets.store.base import BATCH_ROWS, SCHEMA_SQL, SQLITE_BUSY_TIMEOUT_
 from dicom_assets.store.budget import BudgetQueries
 from dicom_assets.store.claims import ClaimQueries
 from dicom_assets.store.discovery import DiscoveryQueries
+from dicom_assets.store.instances import InstanceQueries, ReceivedSummary
 from dicom_assets.store.incremental import DiscoveryWatermark, IncrementalDiscoveryQueries, OutdatedRow, RelatedCounts
 from dicom_assets.store.lookups import LookupQueries
 from dicom_assets.store.reporting import ReportQueries
@@ -40,6 +41,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_S",
     "DiscoveryWatermark",
     "OutdatedRow",
+    "ReceivedSummary",
     "RelatedCounts",
     "StateStore",
 ]
@@ -53,6 +55,7 @@ class StateStore(
     ReportQueries,
     ArchiveQueries,
     BudgetQueries,
+    InstanceQueries,
     StoreBase,
 ):
     """Thread-safe handle on the state DB (one SQLAlchemy engine; each method is one transaction)."""

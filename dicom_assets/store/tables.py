@@ -120,6 +120,10 @@ series = sa.Table(
     sa.Column("claimed_in_run", sa.Text),
     # added later by ALTER TABLE in schema.sql (attempts measure the series, not the network)
     sa.Column("network_faults", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # added later by ALTER TABLE in schema.sql (instances as received: dicom_assets.store.instances)
+    sa.Column("transfer_syntaxes", sa.Text),
+    sa.Column("transcoded_instances", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("lossy_transcoded_instances", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.CheckConstraint(
         "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
         name="series_download_status_check",
@@ -199,6 +203,22 @@ pacs_request_log = sa.Table(
     sa.Column("sent_at", sa.DateTime(timezone=True), nullable=False),
     sa.Column("what", sa.Text, nullable=False),
     sa.Index("pacs_request_log_key_idx", "pacs_key", "sent_at"),
+)
+
+# Every instance written, with the syntax it arrived in (dicom_assets.store.instances).
+instances = sa.Table(
+    "instances",
+    metadata,
+    sa.Column("sop_instance_uid", sa.Text, primary_key=True),
+    sa.Column(
+        "series_instance_uid", sa.Text, sa.ForeignKey("series.series_instance_uid", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("sop_class_uid", sa.Text),
+    sa.Column("transfer_syntax_uid", sa.Text, nullable=False),
+    sa.Column("stored_transfer_syntax_uid", sa.Text),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+    sa.Index("instances_series_idx", "series_instance_uid"),
 )
 
 # Incremental discovery: per PACS, the date watermark and when the last (full) pass ended.

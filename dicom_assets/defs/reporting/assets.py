@@ -9,7 +9,7 @@ from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 from dicom_assets.inventory import write_inventory
 from dicom_assets.layout import patient_key
-from dicom_assets.validation import validate_patient, write_validation_csv
+from dicom_assets.validation import OUTCOMES, validate_patient, write_validation_csv
 
 
 @per_patient_asset(
@@ -20,7 +20,7 @@ from dicom_assets.validation import validate_patient, write_validation_csv
 def validation_report(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Expected vs downloaded instance counts per series, as ``report_dir/validation/<patient>.csv``."""
     settings = dicom.settings()
-    counts = {"ok": 0, "mismatch": 0, "unknown_expected": 0}
+    counts = dict.fromkeys(OUTCOMES, 0)
     for pid in dicom.patient_ids(context.partition_keys):
         rows = validate_patient(dicom.store(), settings.paths.download_dir, pid)
         write_validation_csv(rows, settings.paths.report_dir / "validation" / f"{patient_key(pid)}.csv")

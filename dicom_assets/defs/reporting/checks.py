@@ -27,6 +27,9 @@ def instance_counts_match(context: dg.AssetCheckExecutionContext, dicom: DicomAs
             checked += 1
             if row.outcome == "mismatch":
                 mismatched.append(f"{pid}/{row.series_instance_uid}: {row.downloaded_instances} of {row.expected_instances}")
+            elif row.outcome == "lossy_transcode":
+                mismatched.append(f"{pid}/{row.series_instance_uid}: {row.lossy_transcoded_instances} instance(s) "
+                                  f"lossy-compressed by the PACS from a lossless original")
             elif row.outcome == "unknown_expected":
                 unknown += 1
     return dg.AssetCheckResult(
