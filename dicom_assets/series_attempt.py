@@ -293,12 +293,19 @@ def _busy(exc: PacsError) -> bool:
 
 
 def _fault_of(status: str, final: RetrieveStatus, flight: InFlightRetrieve) -> str | None:
-    """Why a retrieve that got its final status is not complete."""
+    """Why a retrieve that got its final status is not complete.
+
+    An A7xx final (out of resources) is "busy": back off, try again in this run. So is a C0xx
+    (unable to process), unless sub-operations failed with it: then the PACS tried to send and
+    could not (Orthanc's 0xC000 "Cannot transcode ..."), and the same request sent again at once
+    would only fail the same way; that is an answer of the PACS, counted and left to the next run.
+    """
     if status == "complete":
         return None
     if flight.last_error:
         return "storage"
-    return "busy" if final.transient else "pacs"
+    could_not_send = 0xC000 <= final.status <= 0xCFFF and bool(final.failed)
+    return "busy" if final.transient and not could_not_send else "pacs"
 
 
 def _on_disk(directory: Path) -> dict[str, int]:

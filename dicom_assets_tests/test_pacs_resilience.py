@@ -129,6 +129,9 @@ class FaultyPacs:
         if mode == "a702":
             yield 1
             yield 0xA702, None
+        elif mode == "c000_cannot_send":  # tried, could not send (Orthanc: "Cannot transcode ...")
+            yield len(files)
+            yield 0xC000, None
         elif mode == "async":
             yield 0
             yield 0x0000, None  # success before any C-STORE arrived
@@ -192,6 +195,19 @@ def test_a702_is_retried_with_backoff_then_given_up_and_not_claimed_again(faulty
     retry = retrieve_patients(settings, PacsClient(settings.pacs), store, ["P1"])
     assert [o.status for o in retry.outcomes] == ["complete", "complete"]
     assert store.get_series(target.series_instance_uid).last_error is None
+
+
+def test_c000_with_failed_sub_operations_is_tried_once_per_run_not_five_times(faulty) -> None:
+    """The PACS tried to send and could not (0xC000 with failed sub-operations): the same request
+    at once would fail the same way, so it is an answer of the PACS, counted, left to the next run."""
+    cohort, settings, store, pacs = faulty
+    settings.pacs.max_attempts = 5
+    pacs.move_mode = "c000_cannot_send"
+    stats = retrieve_patients(settings, PacsClient(settings.pacs), store, ["P1"])
+    assert [o.status for o in stats.outcomes] == ["incomplete", "incomplete"]
+    assert len(pacs.moves) == 2  # one C-MOVE per series, not five
+    state = store.get_series(cohort.series[0].series_instance_uid)
+    assert state.attempts == 1 and "0xC000" in state.last_error
 
 
 def test_async_move_success_before_the_stores_and_pending_without_counts(faulty) -> None:
