@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
              "the window follows $DICOM_ASSETS_BUDGET_WINDOW_S when set)",
     )  # fmt: skip
     serve.add_argument(
+        "--transcode-to-explicit", action="store_true",
+        help="play a PACS that transcodes like Orthanc: what the peer did not accept as stored is decoded and sent as "
+             "Explicit VR Little Endian (0xC000 'Cannot transcode' where no decoder exists)",
+    )  # fmt: skip
+    serve.add_argument(
         "--drop-every", type=float, default=0, metavar="SECONDS",
         help="fault injection: abort every open association every SECONDS, like a nightly network reset (0 = off)",
     )  # fmt: skip
@@ -189,6 +194,7 @@ def cmd_pacs(args: argparse.Namespace) -> int:
         devpacs.serve_forever(
             args.dir, args.port, ae_title=args.ae_title, host=args.host, move_destinations=dict(args.move_destination),
             reset_above_per_minute=args.reset_above_per_minute, drop_every_s=args.drop_every,
+            transcode_to_explicit=args.transcode_to_explicit,
             window_s=budget_window_s(),
         )  # fmt: skip
         return 0

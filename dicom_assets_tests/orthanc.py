@@ -65,9 +65,15 @@ def orthanc_config(
     synchronous_move: bool = True,
     receiver_ae_title: str = RECEIVER_AET,
     aet: str = ORTHANC_AET,
+    *,
+    modality_options: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Orthanc's JSON configuration: loopback only, no auth, our receiver as the one modality."""
-    return {
+    """Orthanc's JSON configuration: loopback only, no auth, our receiver as the one modality.
+
+    ``modality_options`` are added to (or replace keys of) our modality's entry, e.g.
+    ``{"AllowTranscoding": True}`` for an Orthanc that transcodes on C-GET like its default.
+    """
+    config: dict[str, Any] = {
         "Name": f"dicom-assets-test-{dicom_port}",
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "index"),
@@ -123,6 +129,8 @@ def orthanc_config(
         "OverwriteInstances": False,
         "TcpNoDelay": True,
     }
+    config["DicomModalities"]["dicom_assets"].update(modality_options or {})
+    return config
 
 
 def _http_json(method: str, url: str, body: bytes | None = None, content_type: str | None = None, timeout: float = 30.0) -> Any:
@@ -243,13 +251,17 @@ def start_orthanc(
     synchronous_move: bool = True,
     receiver_ae_title: str = RECEIVER_AET,
     verbose: bool = False,
+    *,
+    modality_options: dict[str, Any] | None = None,
 ) -> OrthancHandle:
-    """Start Orthanc with a fresh config under ``root``; returns once its REST API answers."""
+    """Start Orthanc with a fresh config under ``root``; returns once its REST API answers
+    (``modality_options``: see :func:`orthanc_config`)."""
     binary = require_orthanc()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = distinct_free_ports(2)
-    config = orthanc_config(root, dicom_port, http_port, receiver_port, synchronous_move, receiver_ae_title)
+    config = orthanc_config(root, dicom_port, http_port, receiver_port, synchronous_move, receiver_ae_title,
+                            modality_options=modality_options)  # fmt: skip
     config_file = root / "orthanc.json"
     config_file.write_text(json.dumps(config, indent=2))
     log_file = root / "orthanc.log"
@@ -281,13 +293,16 @@ def running_orthanc(
     receiver_ae_title: str = RECEIVER_AET,
     verbose: bool = False,
     wait_on_stop: bool = True,
+    *,
+    modality_options: dict[str, Any] | None = None,
 ) -> Iterator[OrthancHandle]:
     """An Orthanc for the duration of the block (under ``tmp_path/orthanc``), always stopped
     (``wait_on_stop=False``: SIGTERM now, wait at interpreter exit, see :meth:`OrthancHandle.stop`).
 
     An exception escaping the block gets the tail of Orthanc's log attached as a note.
     """
-    handle = start_orthanc(Path(tmp_path) / "orthanc", receiver_port, synchronous_move, receiver_ae_title, verbose)
+    handle = start_orthanc(Path(tmp_path) / "orthanc", receiver_port, synchronous_move, receiver_ae_title, verbose,
+                           modality_options=modality_options)  # fmt: skip
     try:
         yield handle
     except BaseException as exc:

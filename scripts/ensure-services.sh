@@ -6,6 +6,8 @@
 # * Orthanc (/usr/sbin/Orthanc) and DCMTK, installed from Debian's packages when missing. The
 #   tests start their own throwaway Orthanc on free loopback ports; the Debian *service* (port
 #   4242/8042, config /etc/orthanc) is stopped and its autostart disabled so it cannot interfere.
+# * GDCM's gdcmconv (libgdcm-tools): with DCMTK's codecs it writes the mixed-content test set
+#   (dicom_assets/devpacs/mixed.py), JPEG 2000 included.
 # * OpenSSH (sshd, ssh, ssh-keygen) and rsync for the publish-over-SSH tests, which start their
 #   own sshd on a free loopback port. When this script installs openssh-server, the system ssh
 #   service it brings (port 22 on every interface) is stopped and not started at boot.
@@ -47,6 +49,7 @@ fi
 missing=()
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
 command -v storescu >/dev/null || missing+=(dcmtk)
+command -v gdcmconv >/dev/null || missing+=(libgdcm-tools)  # JPEG 2000 for the mixed-content test set
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 installing_sshd=false
