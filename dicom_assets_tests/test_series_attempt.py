@@ -126,3 +126,42 @@ def test_the_old_proposal_is_what_made_orthanc_transcode(site, tmp_path: Path) -
     old, new = outcomes[True], outcomes[False]
     assert old[1] <= {"1.2.840.10008.1.2.1"} and (old[1] or old[0].status == 0xC000), old  # transcoded, or failed
     assert new[0].succeeded and new[1] == {ENCODINGS[1][1]}, new
+
+
+def test_a_transcoding_pacs_that_names_the_stored_syntax_is_caught(tmp_path: Path, pg_url: str) -> None:
+    """The bundled PACS says how it stores each instance (Available Transfer Syntax UID) and can
+    play Orthanc's transcoding: with the old proposal it decompresses RLE, and the comparison of
+    what arrived with what it stores names every such instance; the retriever, proposing per
+    syntax, gets them as stored and records both syntaxes per instance."""
+    from dicom_assets.devpacs import DevPacs
+    from dicom_assets.pacs.syntaxes import transcodings
+
+    require_service(bool(shutil.which("dcmcrle")), "DCMTK (Debian package dcmtk)")
+    spec = CohortSpec(patients=1, studies_per_patient=1, series_per_study=1, slices_per_series=3, rows=32, columns=32,
+                      patient_id_prefix="RLE", seed=8)  # fmt: skip
+    cohort = generate_cohort(tmp_path / "pacs", spec)
+    for path in (tmp_path / "pacs").rglob("*.dcm"):
+        _encode(path, ["dcmcrle"])
+    rle, s = "1.2.840.10008.1.2.5", cohort.series[0]
+    with DevPacs(tmp_path / "pacs", transcode_to_explicit=True) as pacs:
+        settings = make_settings(tmp_path, pacs.port, free_port(), pg_url, retrieve_method="c-get")
+        client = PacsClient(settings.pacs)
+        sink = InstanceSink(tmp_path / "old-proposal")
+        with client.session(sink=sink) as session:
+            stored = {i.sop_instance_uid: i.stored_transfer_syntax for i in session.find_instances(s.study_instance_uid, s.series_instance_uid)}
+            flight = sink.expect(s.patient_id, s.study_instance_uid, s.series_instance_uid)
+            assert session.get(s.study_instance_uid, s.series_instance_uid).succeeded  # the fallback proposal
+            sink.done(flight)
+        assert set(stored.values()) == {rle}
+        found = transcodings({uid: syntax for uid, (_c, syntax, _n) in flight.arrived.items()}, stored)
+        assert found.transcoded == tuple(sorted(s.sop_instance_uids)) and found.lossy == ()
+        store = StateStore(pg_url)
+        store.create_schema()
+        discover_patients(client, store, lambda ds: True)
+        discover_studies(client, store, list(cohort.patients))
+        discover_series(client, store, list(cohort.patients))
+        stats = retrieve_patients(settings, client, store, list(cohort.patients))
+    rows = store.instances_of(s.series_instance_uid)
+    store.dispose()
+    assert [o.status for o in stats.outcomes] == ["complete"]
+    assert {(r["transfer_syntax_uid"], r["stored_transfer_syntax_uid"]) for r in rows} == {(rle, rle)}

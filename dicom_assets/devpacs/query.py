@@ -195,10 +195,15 @@ class _Query:
         return rsp
 
 
+_AVAILABLE_TRANSFER_SYNTAX = 0x00083002
+
+
 def _value_for(catalog: _Catalog, tag: int, group: _Group, level: int, ae_title: str) -> tuple[str, Any] | None:
     """``(VR, value)`` of ``tag`` for a matched group, or None to return it empty."""
     if tag == _RETRIEVE_AE_TITLE:
         return "AE", ae_title
+    if tag == _AVAILABLE_TRANSFER_SYNTAX and level == IMAGE:  # how this PACS stores the instance
+        return "UI", group.first.transfer_syntax_uid
     computed = catalog.computed(tag, group)
     if computed is not None or tag in _COMPUTED:
         return computed
