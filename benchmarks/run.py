@@ -16,6 +16,9 @@ c. retrieval variants, each into an empty directory, checked file by file count:
    then the one-association C-MOVE sync once more under py-spy (``benchmarks/profile.py``: where
    its time goes, the profile behind the one-association target);
 d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
+d2. one large instance (``benchmarks/large_instance.py``: 4,000 frames of 512x512, 2.1 GB,
+   cached like the cohorts): peak RSS and throughput of archiving it (child process), and of a
+   ``dicom-assets sync`` retrieving it from an Orthanc holding only it;
 e. discovery and scale, each in a child process (``benchmarks/external.py``);
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
 
@@ -41,6 +44,7 @@ if __package__ in (None, ""):  # run as a file: make the repository root importa
 from benchmarks import dcmtk, external, machine, report  # noqa: E402
 from benchmarks.archiving import run_archiving  # noqa: E402
 from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
+from benchmarks.large_instance import run_large_instance  # noqa: E402
 from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E402
 from benchmarks.profile import profile_one_association  # noqa: E402
 from benchmarks.project import ProjectVariant, run_project_variant  # noqa: E402
@@ -49,7 +53,7 @@ from dicom_assets.config import PacsSettings  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("retrieval", "archiving", "discovery", "scale")
+SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "scale")
 #: Association counts tried besides the default, to find the project's best setting.
 OTHER_ASSOCIATIONS = (1, 3, 4)
 
@@ -231,6 +235,28 @@ def _archiving(cohort: Cohort, run_dir: Path, pg: str, failures: list[str], log:
     return {"status": "ok", **result}
 
 
+def _large_instance(work_dir: Path, run_dir: Path, pg: str, quick: bool, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    log("large instance: generating or reusing it, then archiving and retrieving it")
+    directory = run_dir / "large-instance"
+    try:
+        result = run_large_instance(work_dir, directory, pg, quick)
+    except Exception as exc:  # noqa: BLE001 - e.g. no disk for the instance: the other sections go on
+        traceback.print_exc()
+        failures.append(f"large instance: {type(exc).__name__}: {exc}")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    log(f"large instance: {result['instance']} ({'generated now' if result['generated_now'] else 'cached'})")
+    for part in ("archive", "retrieval"):
+        figures = result[part]
+        if figures["status"] != "ok":
+            failures.append(f"large instance {part}: {(figures.get('reason') or 'failed').splitlines()[0]}")
+            log(f"FAILED large instance {part}: {figures.get('reason')}")
+        else:
+            log(f"large instance {part}: {figures['mb_per_s']:.1f} MB/s, {figures['seconds']:.1f} s, peak RSS {figures['peak_rss_mb']:.0f} MB")
+    if result["archive"].get("readable_by_unzip") is False:
+        failures.append("large instance: unzip -tq rejects the archive")
+    return result
+
+
 def _external(section: str, run_dir: Path, work_dir: Path, pg: str, quick: bool, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
     log(f"{section}: running benchmarks/{section}.py in a child process")
     result = external.run_section(section, run_dir, work_dir, pg, quick)
@@ -273,6 +299,9 @@ def run(args: argparse.Namespace) -> int:
             _stop_site(site)
         results["retrieval"] = [r.as_dict() for r in rows]
     results["archiving"] = _not_run("--skip") if "archiving" in args.skip else _archiving(cohorts.archive_patient, run_dir, pg, failures, log)
+    results["large_instance"] = (
+        _not_run("--skip") if "large-instance" in args.skip else _large_instance(work_dir, run_dir, pg, args.quick, failures, log)
+    )
     for section in ("discovery", "scale"):
         if section in args.skip:
             results[section] = _not_run("--skip")

@@ -22,7 +22,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator, Sequence
+from typing import Any, BinaryIO, Iterator, Sequence
 
 from dicom_assets import layout, stopping
 from dicom_assets.store.records import ArchiveRecord, SeriesState
@@ -59,9 +59,9 @@ class ArchiveWriteError(RuntimeError):
 
 
 class _NewFile:
-    """A new file for ``write_zip``, written straight through (it writes whole members, so a
-    buffer saves nothing, and a failed buffer flush at close would hide the path): a failed
-    create, write or fsync raises ArchiveWriteError naming the file."""
+    """A new file for ``write_zip``, written straight through (it writes whole members or chunks
+    of MBs, so a buffer saves nothing, and a failed buffer flush at close would hide the path): a
+    failed create, write or fsync raises ArchiveWriteError naming the file."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -228,21 +228,36 @@ def _check_members(path: Path, infos: Sequence[zipfile.ZipInfo]) -> None:
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 raise ArchiveVerificationError(f"{path.name}: {info.filename} uses compression {info.compress_type}")
             inflater = _zlib.decompressobj(-15) if info.compress_type == zipfile.ZIP_DEFLATED else None
-            crc, size, left = 0, 0, info.compress_size
-            while left:
-                chunk = f.read(min(left, _READ_CHUNK))
-                if not chunk:
-                    raise ArchiveVerificationError(f"{path.name}: {info.filename} is truncated")
-                left -= len(chunk)
-                data = inflater.decompress(chunk) if inflater else chunk
+            crc, size = 0, 0
+            for data in _member_data(f, info, inflater, path.name):
                 crc, size = _zlib.crc32(data, crc), size + len(data)
-            if inflater is not None:
-                tail = inflater.flush()
-                crc, size = _zlib.crc32(tail, crc), size + len(tail)
-                if not inflater.eof:
-                    raise ArchiveVerificationError(f"{path.name}: {info.filename}: deflate stream does not end")
+            if inflater is not None and not inflater.eof:
+                raise ArchiveVerificationError(f"{path.name}: {info.filename}: deflate stream does not end")
             if size != info.file_size or crc != info.CRC:
                 raise ArchiveVerificationError(f"{path.name}: {info.filename} reads back wrong (CRC or size)")
+
+
+def _member_data(f: BinaryIO, info: zipfile.ZipInfo, inflater: Any, zip_name: str) -> Iterator[bytes]:
+    """The member's bytes (inflated when ``inflater``) in pieces of at most ``_READ_CHUNK``,
+    read from ``f`` positioned at its data. Output is capped per call too: deflate shrinks
+    zeros ~1000:1, so one 4 MiB read could otherwise inflate to 4 GB in memory."""
+    left = info.compress_size
+    while left:
+        chunk = f.read(min(left, _READ_CHUNK))
+        if not chunk:
+            raise ArchiveVerificationError(f"{zip_name}: {info.filename} is truncated")
+        left -= len(chunk)
+        if inflater is None:
+            yield chunk
+            continue
+        while chunk:
+            data = inflater.decompress(chunk, _READ_CHUNK)
+            if not data and len(inflater.unconsumed_tail) == len(chunk):  # no progress: never loop
+                raise ArchiveVerificationError(f"{zip_name}: {info.filename}: deflate stream does not end")
+            yield data
+            chunk = inflater.unconsumed_tail
+    if inflater is not None:
+        yield inflater.flush()
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -6,7 +6,10 @@ import hashlib
 import io
 import itertools
 import os
+import random
 import struct
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -18,9 +21,11 @@ from pydicom.uid import ExplicitVRLittleEndian
 from dicom_assets import archive, layout
 from dicom_assets.archive import ArchiveNotReady, ArchiveVerificationError, build_patient_archive, verify_archive
 from dicom_assets.store import PatientRecord, SeriesRecord, StateStore, StudyRecord
+from dicom_assets.zipwriter import CHUNK_SIZE, write_zip
 
 _study_numbers = itertools.count(1)
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+MULTIFRAME_WORD = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
 
 
 def _write_instance(series_directory: Path, sop_uid: str, patient_id: str, size: int = 300) -> Path:
@@ -343,3 +348,96 @@ def test_archive_problems_finds_missing_resized_and_altered_zips(store: StateSto
     assert "bytes" in archive_problems(archive_dir, record)[0]
     result.path.unlink()
     assert "missing" in archive_problems(archive_dir, record)[0]
+
+
+# -- instances larger than a zip chunk (tomosynthesis, cines, whole-slide images) ------------------
+
+MiB = 1 << 20
+
+
+def _write_multiframe(path: Path, sop_uid: str, patient_id: str, frames: int, rows: int = 512, columns: int = 512) -> None:
+    """A multi-frame 16-bit instance whose pixel data deflates about 2:1 (noise in 12 bits)."""
+    rng = random.Random(sop_uid)
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = MULTIFRAME_WORD
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.SOPClassUID = MULTIFRAME_WORD
+    ds.SOPInstanceUID = sop_uid
+    ds.PatientID = patient_id
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    table = bytes(i % 16 for i in range(256))  # low byte: 4 bits of noise; high byte: a few levels
+    pixels = bytearray(rng.randbytes(rows * columns * 2 * frames).translate(table))
+    pixels[1::2] = bytes(b & 0x03 for b in pixels[1::2])
+    ds.PixelData = bytes(pixels)
+    ds.save_as(path, enforce_file_format=True)
+
+
+def _sha256_streamed(stream: io.BufferedIOBase) -> str:
+    digest = hashlib.sha256()
+    while chunk := stream.read(4 * MiB):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_archives_an_instance_larger_than_a_zip_chunk(store: StateStore, dirs: tuple[Path, Path]) -> None:
+    download_dir, archive_dir = dirs
+    study = _patient(store, download_dir, "TOMO", series=2, instances=3)
+    directory = layout.series_dir(download_dir, "TOMO", study, f"{study}.2")
+    big = layout.instance_file(directory, f"{study}.2.2")
+    _write_multiframe(big, f"{study}.2.2", "TOMO", frames=48)  # 25 MB: streamed in chunks
+    assert big.stat().st_size > CHUNK_SIZE
+
+    result = build_patient_archive(store, download_dir, archive_dir, "TOMO")
+    assert result.sha256 == _sha256(result.path) and result.bytes == result.path.stat().st_size
+    with zipfile.ZipFile(result.path) as zf:
+        names = zf.namelist()
+        assert names == [f"TOMO/{study}/{study}.{i}/{study}.{i}.{j}.dcm" for i in (1, 2) for j in (1, 2, 3)]
+        info = zf.getinfo(names[4])
+        assert info.flag_bits & 0x08 and info.file_size == big.stat().st_size  # bit 3: data descriptor
+        with zf.open(info) as member, open(big, "rb") as original:
+            assert _sha256_streamed(member) == _sha256_streamed(original)
+        ds = pydicom.dcmread(io.BytesIO(zf.read(names[4])), stop_before_pixels=True)
+        assert ds.SOPInstanceUID == f"{study}.2.2" and ds.NumberOfFrames == 48
+    done = subprocess.run(["unzip", "-tq", str(result.path)], capture_output=True, text=True)
+    assert done.returncode == 0 and "No errors" in done.stdout, done.stdout + done.stderr
+
+
+_VERIFY_CHILD = """
+import sys
+from pathlib import Path
+from dicom_assets.archive import verify_archive
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
+
+before = status("VmRSS")
+verify_archive(Path(sys.argv[1]), {"big.dcm": int(sys.argv[2])})
+print(before, status("VmHWM"))
+"""
+
+
+def test_verify_archive_inflates_a_1000_to_1_member_in_bounded_memory(tmp_path: Path) -> None:
+    """2 GiB of zeros deflate to ~2 MB: the read-back inflates it piece by piece (one 4 MiB read
+    used to inflate to the whole member at once). The child's own RSS growth is the check."""
+    size = 2 << 30
+    big = tmp_path / "big.dcm"
+    with open(big, "wb") as f:  # sparse: costs no disk
+        f.truncate(size)
+        f.write(b"DICM")
+    target = tmp_path / "big.zip"
+    with open(target, "wb") as handle:
+        write_zip(handle, [(big, "big.dcm")], level=6)
+    assert target.stat().st_size < 16 * MiB
+    child = [sys.executable, "-c", _VERIFY_CHILD, str(target)]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([*child, str(size)], capture_output=True, text=True, cwd=root, check=False)
+    assert done.returncode == 0, done.stderr
+    before, peak = map(int, done.stdout.split()[-2:])
+    assert peak - before < 256 * MiB, f"RSS grew by {(peak - before) / MiB:.0f} MiB verifying a 2 GiB member"
+    wrong = subprocess.run([*child, str(size + 1)], capture_output=True, text=True, cwd=root, check=False)
+    assert wrong.returncode != 0 and "ArchiveVerificationError" in wrong.stderr
