@@ -136,8 +136,17 @@ class ReceiverSettings(_Section):
 
 
 class SelectionSettings(_Section):
+    """Which patients to pull: at most one patient rule (regex or function), and/or a request file.
+
+    ``request_file`` (a researcher's .csv/.xlsx, see dicom_assets.request_file) may be combined
+    with either rule: a patient must pass the rule AND be named by the file's rows. Only its
+    name and existence are checked at load; its content is read (and its errors reported)
+    later, so a config error never depends on the spreadsheet parsing.
+    """
+
     patient_id_regex: str | None = None
     function: str | None = None
+    request_file: Path | None = None  # relative = to the config file's directory
 
     @field_validator("patient_id_regex")
     @classmethod
@@ -156,11 +165,37 @@ class SelectionSettings(_Section):
             raise ValueError('must look like "package.module:callable"')
         return value
 
+    @field_validator("request_file")
+    @classmethod
+    def _request_file_type(cls, value: Path | None) -> Path | None:
+        """Refuse a .xls/.ods/.txt here, where the key can be named, not when the file is read."""
+        if value is not None and value.suffix.lower() not in (".csv", ".xlsx"):
+            raise ValueError(
+                f"{str(value)!r} must be a .csv or .xlsx file; save the spreadsheet as "
+                "'Excel Workbook (.xlsx)' or 'CSV UTF-8' and point to that file"
+            )
+        return value
+
     @model_validator(mode="after")
     def _one_rule(self) -> "SelectionSettings":
         if self.patient_id_regex is not None and self.function is not None:
             raise ValueError("set either patient_id_regex or function, not both")
         return self
+
+    def resolve_request_file(self, base_dir: Path | None) -> None:
+        """Make a relative request_file absolute (under ``base_dir``, the config file's directory,
+        like every other path) and check that it is a file; ValueError says what is wrong.
+
+        Checked at load so a typo in the path fails when the project starts, not at the first run.
+        """
+        if self.request_file is None:
+            return
+        if base_dir is not None and not self.request_file.is_absolute():
+            self.request_file = (base_dir / self.request_file).resolve()
+        if not self.request_file.is_file():
+            state = "is not a file" if self.request_file.exists() else "does not exist"
+            hint = f" (a relative path is taken from {base_dir})" if base_dir is not None else ""
+            raise ValueError(f"{self.request_file} {state}{hint}; give the path of the researcher's .csv/.xlsx file")
 
 
 class PathSettings(_Section):
@@ -375,6 +410,10 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Pa
             rel = settings.database.url.removeprefix("sqlite:///")
             if rel and rel != ":memory:":
                 settings.database.url = f"sqlite:///{(base_dir / rel).resolve()}"
+    try:
+        settings.selection.resolve_request_file(base_dir)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration in {source}:\n  selection.request_file: {exc}") from None
     return settings
 
 

@@ -155,3 +155,31 @@ def test_database_password_never_shows_in_repr_errors_or_logs(monkeypatch: pytes
         settings_from_dict({**MINIMAL, "database": {"url": "mysql://u:${DB_PASSWORD}@h/db"}})
     assert "s3cret-pw" not in str(bad.value)
     assert "s3cret-pw" not in caplog.text
+
+
+def test_selection_request_file_is_taken_from_the_config_directory(tmp_path: Path) -> None:
+    """Like every other path, a relative request_file is relative to the config file, not to the cwd;
+    it may be combined with a patient rule (a patient must pass both)."""
+    (tmp_path / "irb").mkdir()
+    (tmp_path / "irb" / "cohort.xlsx").write_bytes(b"not parsed at load")
+    path = _write(
+        tmp_path,
+        "pacs: {host: 127.0.0.1, port: 4242, called_ae_title: ORTHANC}\n"
+        "paths: {download_dir: dl, archive_dir: zips, report_dir: reports}\n"
+        "selection: {patient_id_regex: '^0', request_file: irb/cohort.xlsx}\n",
+    )
+    selection = load_settings(path).selection
+    assert selection.request_file == tmp_path / "irb" / "cohort.xlsx"
+    assert selection.patient_id_regex == "^0"
+    assert settings_from_dict(MINIMAL).selection.request_file is None
+
+
+def test_selection_request_file_errors_name_the_key(tmp_path: Path) -> None:
+    (tmp_path / "cohort.xls").write_text("old Excel")
+    with pytest.raises(ConfigError, match=r"selection\.request_file: 'cohort\.xls' must be a \.csv or \.xlsx file"):
+        settings_from_dict({**MINIMAL, "selection": {"request_file": "cohort.xls"}}, base_dir=tmp_path)
+    with pytest.raises(ConfigError, match=r"selection\.request_file: .*missing\.csv does not exist \(a relative path is taken from"):
+        settings_from_dict({**MINIMAL, "selection": {"request_file": "missing.csv"}}, base_dir=tmp_path)
+    (tmp_path / "folder.csv").mkdir()
+    with pytest.raises(ConfigError, match=r"selection\.request_file: .*folder\.csv is not a file"):
+        settings_from_dict({**MINIMAL, "selection": {"request_file": "folder.csv"}}, base_dir=tmp_path)
