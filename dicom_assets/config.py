@@ -449,6 +449,12 @@ def load_selection_rule(selection: SelectionSettings) -> Callable[[Any], bool]:
 
     The callable receives the patient's C-FIND identifier (a pydicom Dataset).
     """
+    if selection.request_file is not None:  # read and checked (dicom_assets.request_file), not yet resolved
+        raise ConfigError(
+            f"selection.request_file: {selection.request_file} is not used by discovery yet (request files are "
+            f"being built); remove the key and select patients with selection.patient_id_regex or "
+            f"selection.function for now, rather than fetch every patient of the PACS"
+        )
     if selection.function:
         module_name, _, attr = selection.function.partition(":")
         try:

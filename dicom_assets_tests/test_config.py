@@ -172,6 +172,8 @@ def test_selection_request_file_is_taken_from_the_config_directory(tmp_path: Pat
     assert selection.request_file == tmp_path / "irb" / "cohort.xlsx"
     assert selection.patient_id_regex == "^0"
     assert settings_from_dict(MINIMAL).selection.request_file is None
+    with pytest.raises(ConfigError, match=r"selection\.request_file: .* is not used by discovery yet"):
+        load_selection_rule(selection)  # never silently fetch every patient instead of the rows
 
 
 def test_selection_request_file_errors_name_the_key(tmp_path: Path) -> None:
