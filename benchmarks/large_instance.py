@@ -27,7 +27,6 @@ import shutil
 import struct
 import sys
 import traceback
-import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from benchmarks.archiving import lay_out_as_downloaded, record_as_downloaded
 from benchmarks.cohorts import SUMMARY_FILE, Cohort
 from benchmarks.measure import environment, run_child
-from benchmarks.orthanc_site import Site, start_site
+from benchmarks.orthanc_site import post_instance, start_site
 from benchmarks.project import ProjectVariant, run_project_variant, scratch_database
 from dicom_assets.config import PacsSettings
 from dicom_assets.devpacs.cohort import CohortSpec, CohortSummary, GeneratedSeries
@@ -55,7 +54,6 @@ RSS_TARGET_MB = 300.0
 ARCHIVE_TIMEOUT_S = 900.0
 UPLOAD_TIMEOUT_S = 900.0
 _REPO_ROOT = Path(__file__).resolve().parent.parent
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
 
 
 @dataclass(frozen=True)
@@ -205,23 +203,12 @@ def _archive(cohort: Cohort, directory: Path, pg_server_url: str) -> dict[str, A
 # -- b. retrieval: dicom-assets sync against an Orthanc holding only the instance --------------------
 
 
-def _upload(site: Site, path: Path) -> None:
-    """POST the file to Orthanc streamed from disk (``load_directory`` reads files whole)."""
-    with open(path, "rb") as f:
-        request = urllib.request.Request(site.orthanc.base_url + "/instances", data=f, method="POST")
-        request.add_header("Content-Type", "application/dicom")
-        request.add_header("Content-Length", str(path.stat().st_size))
-        with _OPENER.open(request, timeout=UPLOAD_TIMEOUT_S) as response:
-            status = json.loads(response.read()).get("Status")
-    if status not in ("Success", "AlreadyStored"):
-        raise RuntimeError(f"Orthanc did not store {path}: {status}")
-
-
 def _retrieve(cohort: Cohort, spec: LargeSpec, directory: Path, pg_server_url: str) -> dict[str, Any]:
     site = start_site(directory / "orthanc")
     try:
         (series,) = cohort.series
-        _upload(site, cohort.dicom_dir / series.study_instance_uid / series.series_instance_uid / f"{series.sop_instance_uids[0]}.dcm")
+        path = cohort.dicom_dir / series.study_instance_uid / series.series_instance_uid / f"{series.sop_instance_uids[0]}.dcm"
+        post_instance(site.orthanc.base_url, path, timeout_s=UPLOAD_TIMEOUT_S)
         associations = int(PacsSettings.model_fields["max_concurrent_associations"].default)
         variant = ProjectVariant("c-move", associations, True)
         try:

@@ -76,11 +76,14 @@ def start_site(root: Path) -> Site:
     raise RuntimeError(f"Orthanc did not answer within {STARTUP_TIMEOUT_S:.0f} s\n{handle.log_tail()}")
 
 
-def _post_instance(base_url: str, path: Path) -> None:
-    request = urllib.request.Request(base_url + "/instances", data=path.read_bytes(), method="POST")
-    request.add_header("Content-Type", "application/dicom")
-    with _OPENER.open(request, timeout=60) as response:
-        status = json.loads(response.read()).get("Status")
+def post_instance(base_url: str, path: Path, timeout_s: float = 60) -> None:
+    """POST one file to Orthanc, streamed from disk (a multi-GB instance is never read whole)."""
+    with open(path, "rb") as f:
+        request = urllib.request.Request(base_url + "/instances", data=f, method="POST")
+        request.add_header("Content-Type", "application/dicom")
+        request.add_header("Content-Length", str(path.stat().st_size))
+        with _OPENER.open(request, timeout=timeout_s) as response:
+            status = json.loads(response.read()).get("Status")
     if status not in ("Success", "AlreadyStored"):
         raise RuntimeError(f"Orthanc did not store {path}: {status}")
 
@@ -89,5 +92,5 @@ def load_directory(site: Site, directory: Path) -> int:
     """POST every ``.dcm`` under ``directory`` to Orthanc (a few in parallel); returns how many."""
     files = sorted(p for p in directory.rglob("*.dcm") if not p.name.startswith("."))
     with ThreadPoolExecutor(max_workers=LOAD_THREADS, thread_name_prefix="orthanc-load") as pool:
-        list(pool.map(lambda p: _post_instance(site.orthanc.base_url, p), files))
+        list(pool.map(lambda p: post_instance(site.orthanc.base_url, p), files))
     return len(files)

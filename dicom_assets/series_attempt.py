@@ -34,6 +34,7 @@ from dicom_assets.pacs.errors import (
     PacsError,
     PacsRequestFailed,
     is_connection_fault,
+    is_transient,
     transient_status,
 )
 from dicom_assets.pacs.receiver import DISK_ERRNOS, InFlightRetrieve, InstanceSink
@@ -135,7 +136,7 @@ class SeriesRetriever:
             if flight is not None and flight.last_errno in DISK_ERRNOS:  # the PACS gave up on our full disk
                 return self._outcome(series, directory, started, "failed", flight.last_error, flight, fault="storage"), expected
             network = is_connection_fault(exc)
-            fault = "network" if network else "busy" if _busy(exc) else "pacs"
+            fault = "network" if network else "busy" if is_transient(exc) else "pacs"
             status = "incomplete" if network else "failed"
             return self._outcome(series, directory, started, status, str(exc), flight, fault=fault), expected
         except OSError as exc:  # reading the series directory (e.g. a file where a directory must be)
@@ -285,11 +286,6 @@ def _combined(finals: list[RetrieveStatus]) -> RetrieveStatus:
         return None if any(c is None for c in counts) else sum(counts)
 
     return dataclasses.replace(worst, completed=total("completed"), failed=total("failed"), warning=total("warning"))
-
-
-def _busy(exc: PacsError) -> bool:
-    """An A7xx/C0xx answer (e.g. to the IMAGE-level C-FIND): the PACS is busy, back off."""
-    return isinstance(exc, PacsRequestFailed) and transient_status(exc.status)
 
 
 def _fault_of(status: str, final: RetrieveStatus, flight: InFlightRetrieve) -> str | None:
