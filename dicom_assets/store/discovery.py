@@ -56,40 +56,60 @@ class DiscoveryQueries(StoreBase):
         Counts come from a SELECT of the batch's existing keys (locked FOR UPDATE on PostgreSQL).
         """
         inserted = updated = reset = 0
-        key_col = table.c[key]
-        extra_cols = ("download_status", "downloaded_instances", "expected_instances") if resets else ()
-        read_cols = [key_col, *(table.c[f] for f in dict.fromkeys((*fields, *extra_cols)))]
         for chunk in _chunks(rows, BATCH_ROWS):
             batch: dict[Any, dict[str, Any]] = {}
             for row in chunk:  # a key twice in one statement is an error on PostgreSQL: last wins
                 batch[row[key]] = row
-            with self._write() as conn:
-                query = sa.select(*read_cols).where(key_col.in_(list(batch))).order_by(key_col)
-                if self.is_postgresql:
-                    query = query.with_for_update()
-                existing = {r[0]: r._mapping for r in conn.execute(query)}
-                to_write = []
-                for k, row in sorted(batch.items()):  # key order: concurrent upserts lock alike
-                    old = existing.get(k)
-                    if old is None:
-                        inserted += 1
-                        to_write.append(row)
-                        continue
-                    is_reset = bool(resets and resets(row, old))
-                    changed = any(row[f] is not None and row[f] != old[f] for f in fields)
-                    if is_reset or changed:
-                        updated += 1
-                        reset += is_reset
-                        to_write.append(row)
-                if not to_write:
+            try:
+                counts = self._upsert_batch(table, key, batch, fields, extra_set, resets)
+            except sa.exc.IntegrityError:
+                # Two processes inserting the same new row: ON CONFLICT arbitrates on ``key`` only,
+                # so the loser may trip over another unique column (patients.partition_key) first.
+                # Its transaction rolled back; the winner's row is committed now, so once more
+                # the batch finds it and updates it.
+                counts = self._upsert_batch(table, key, batch, fields, extra_set, resets)
+            inserted, updated, reset = inserted + counts[0], updated + counts[1], reset + counts[2]
+        return UpsertCounts(inserted=inserted, updated=updated, reset_to_pending=reset)
+
+    def _upsert_batch(
+        self,
+        table: sa.Table,
+        key: str,
+        batch: dict[Any, dict[str, Any]],
+        fields: Sequence[str],
+        extra_set: Callable[[Any], dict[str, Any]] | None,
+        resets: Callable[[dict[str, Any], Any], bool] | None,
+    ) -> tuple[int, int, int]:
+        """One transaction of :meth:`_upsert`: (inserted, updated, reset to pending)."""
+        inserted = updated = reset = 0
+        key_col = table.c[key]
+        extra_cols = ("download_status", "downloaded_instances", "expected_instances") if resets else ()
+        read_cols = [key_col, *(table.c[f] for f in dict.fromkeys((*fields, *extra_cols)))]
+        with self._write() as conn:
+            query = sa.select(*read_cols).where(key_col.in_(list(batch))).order_by(key_col)
+            if self.is_postgresql:
+                query = query.with_for_update()
+            existing = {r[0]: r._mapping for r in conn.execute(query)}
+            to_write = []
+            for k, row in sorted(batch.items()):  # key order: concurrent upserts lock alike
+                old = existing.get(k)
+                if old is None:
+                    inserted += 1
+                    to_write.append(row)
                     continue
+                is_reset = bool(resets and resets(row, old))
+                changed = any(row[f] is not None and row[f] != old[f] for f in fields)
+                if is_reset or changed:
+                    updated += 1
+                    reset += is_reset
+                    to_write.append(row)
+            if to_write:
                 stmt = self._insert(table)
                 set_ = {f: sa.func.coalesce(stmt.excluded[f], table.c[f]) for f in fields}
                 if extra_set:
                     set_.update(extra_set(stmt.excluded))
-                stmt = stmt.on_conflict_do_update(index_elements=[key_col], set_=set_)
-                conn.execute(stmt, to_write)
-        return UpsertCounts(inserted=inserted, updated=updated, reset_to_pending=reset)
+                conn.execute(stmt.on_conflict_do_update(index_elements=[key_col], set_=set_), to_write)
+        return inserted, updated, reset
 
     def upsert_patients(self, patients: Iterable[PatientRecord]) -> UpsertCounts:
         """Insert new patients (partition_key = layout.patient_key), update demographics of known ones.
