@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS series (
     downloaded_instances INTEGER NOT NULL DEFAULT 0, -- instance files on disk after the last attempt
     downloaded_bytes     BIGINT NOT NULL DEFAULT 0,
     download_status      TEXT NOT NULL DEFAULT 'pending'
-        CHECK (download_status IN ('pending', 'in_progress', 'complete', 'incomplete', 'failed')),
+        CHECK (download_status IN ('pending', 'in_progress', 'complete', 'incomplete', 'failed', 'skipped')),
     attempts             INTEGER NOT NULL DEFAULT 0,
     last_error           TEXT,
     claimed_by           TEXT,                       -- worker holding the download claim
@@ -177,3 +177,55 @@ CREATE INDEX IF NOT EXISTS instances_series_idx ON instances (series_instance_ui
 ALTER TABLE series ADD COLUMN IF NOT EXISTS transfer_syntaxes TEXT;                              -- received, distinct, backslash-separated
 ALTER TABLE series ADD COLUMN IF NOT EXISTS transcoded_instances INTEGER NOT NULL DEFAULT 0;      -- received in another syntax than stored
 ALTER TABLE series ADD COLUMN IF NOT EXISTS lossy_transcoded_instances INTEGER NOT NULL DEFAULT 0; -- ... lossy from a lossless original
+
+-- Cohorts as researchers define them (dicom_assets.series_filter, dicom_assets.request_rows).
+-- A series that the series filters (selection.series) or the request file's rows do not want is
+-- 'skipped', with the rule that skipped it in skip_reason; it is never claimed, never counted as
+-- missing, and not counted in the zip's <N>. A complete series is never skipped (nothing
+-- downloaded is dropped); a skipped series becomes 'pending' again when the rules want it.
+ALTER TABLE series DROP CONSTRAINT IF EXISTS series_download_status_check;
+ALTER TABLE series ADD CONSTRAINT series_download_status_check
+    CHECK (download_status IN ('pending', 'in_progress', 'complete', 'incomplete', 'failed', 'skipped'));
+ALTER TABLE series ADD COLUMN IF NOT EXISTS skip_reason TEXT;          -- why the series is skipped; NULL otherwise
+ALTER TABLE series ADD COLUMN IF NOT EXISTS sop_classes TEXT;          -- SOP Class UIDs of its instances, backslash-separated; NULL = not asked
+ALTER TABLE studies ADD COLUMN IF NOT EXISTS sop_classes_in_study TEXT; -- SOPClassesInStudy as the PACS answered; NULL = not given
+
+-- The request file's rows (selection.request_file) and what each resolved to, shared by every
+-- worker. A row is keyed by what it asks for (RequestRow.key: IDs, window, modalities, regex),
+-- not by where it stands in the file, so re-sorting the file changes nothing and editing a row
+-- makes it a new request. A row removed from the file is kept with active = FALSE: it stops
+-- being fetched, nothing downloaded is deleted.
+CREATE TABLE IF NOT EXISTS request_rows (
+    row_key             TEXT PRIMARY KEY,
+    row_number          INTEGER NOT NULL,            -- first file row asking for it (header = row 1)
+    patient_id          TEXT,
+    accession_number    TEXT,
+    study_instance_uid  TEXT,
+    study_date_from     TEXT,                        -- YYYYMMDD
+    study_date_until    TEXT,
+    modalities          TEXT,                        -- backslash-separated; NULL = any
+    study_description   TEXT,                        -- a regex, searched case-insensitively
+    active              BOOLEAN NOT NULL DEFAULT TRUE,
+    resolution          TEXT NOT NULL DEFAULT 'unresolved'
+        CHECK (resolution IN ('unresolved', 'found', 'not_found', 'ambiguous', 'rejected')),
+    reason              TEXT,                        -- why not_found / ambiguous / rejected
+    resolved_at         TIMESTAMPTZ,
+    date_created        TIMESTAMPTZ NOT NULL DEFAULT now(),
+    date_modified       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- The studies a row matched (an ambiguous row's too, for its report; those are not fetched).
+CREATE TABLE IF NOT EXISTS request_row_studies (
+    row_key             TEXT NOT NULL REFERENCES request_rows (row_key) ON DELETE CASCADE,
+    study_instance_uid  TEXT NOT NULL,
+    patient_id          TEXT NOT NULL,
+    PRIMARY KEY (row_key, study_instance_uid)
+);
+CREATE INDEX IF NOT EXISTS request_row_studies_study_idx ON request_row_studies (study_instance_uid);
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'request_rows_date_modified') THEN
+        CREATE TRIGGER request_rows_date_modified BEFORE UPDATE ON request_rows FOR EACH ROW
+            EXECUTE FUNCTION dicom_assets_touch_date_modified();
+    END IF;
+END;
+$$;

@@ -1,6 +1,8 @@
 """One zip per patient: ``<patient key><delimiter><series count>.zip`` in the archive directory.
 
-A patient's archive is built only when every series of the patient is ``complete``. Members are
+A patient's archive is built only when every series it holds is ``complete``: series ``skipped``
+by the series filters (dicom_assets.series_filter) are not in the zip and not in its series
+count ``<N>``, and a patient whose series are all skipped gets no zip. Members are
 ``<patient key>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``, read from the
 download directory. The zip is written file by file to a hidden temp name, verified (every
 member inflated back from its local header and its size and CRC-32 compared with the central
@@ -339,8 +341,9 @@ def build_patient_archive(
 ) -> ArchiveResult:
     """Build (or confirm up to date) the patient's archive; see the module docstring.
 
-    Raises ArchiveNotReady when the patient has no series, a series is not complete, or a
-    complete series has fewer instance files on disk than the DB says were downloaded.
+    Raises ArchiveNotReady when the patient holds no series (none, or all skipped), a held
+    series is not complete, or a complete series has fewer instance files on disk than the DB
+    says were downloaded.
     The archive is up to date (no rebuild) when the latest record has this name, this series
     count and this instance count (instance files now on disk), and the file exists with the
     recorded size. Raises ArchiveVerificationError when the new zip fails verification.
@@ -348,7 +351,10 @@ def build_patient_archive(
     started = time.monotonic()
     download_dir = Path(download_dir)
     archive_dir = Path(archive_dir)
-    series = store.series_of(patient_id)
+    known = store.series_of(patient_id)
+    series = [s for s in known if s.download_status != "skipped"]  # held: what the zip and its N count
+    if known and not series:
+        raise ArchiveNotReady(f"patient {patient_id!r}: all {len(known)} of its series are skipped by the series filters")
     members = _scan_members(download_dir, patient_id, series) if series else []
     _check_ready(patient_id, series, members)
 

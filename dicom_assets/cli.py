@@ -125,7 +125,7 @@ def cmd_sync(args: argparse.Namespace) -> int:
     counts = report.status_counts
     print(
         f"series: {counts.get('complete', 0)} complete, {counts.get('incomplete', 0)} incomplete, "
-        f"{counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending; "
+        f"{counts.get('failed', 0)} failed, {counts.get('pending', 0)} pending, {counts.get('skipped', 0)} skipped; "
         f"patients archived {report.patient_counts.get('archived', 0)}/{report.patient_counts.get('patients', 0)}; "
         f"{report.seconds:.1f}s"
     )
@@ -144,7 +144,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     for status, count in store.status_counts().items():
         print(f"{status:12} {count}")
     patients = store.patient_counts()
-    print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending)")
+    nothing_held = patients.get("patients", 0) - patients.get("archived", 0) - patients.get("pending", 0)
+    print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending"
+          + (f", {nothing_held} with every series skipped)" if nothing_held else ")"))
     print(f"pacs         {_budget(settings, store).rate().describe()}")
     return 0
 

@@ -18,6 +18,8 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_assets.config_selection import SeriesFilterSettings
+
 CONFIG_ENV_VAR = "DICOM_ASSETS_CONFIG"
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 chars, no backslash/control
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -147,6 +149,13 @@ class SelectionSettings(_Section):
     patient_id_regex: str | None = None
     function: str | None = None
     request_file: Path | None = None  # relative = to the config file's directory
+    series: SeriesFilterSettings = Field(default_factory=SeriesFilterSettings)  # which series (default: all)
+
+    @field_validator("series", mode="before")
+    @classmethod
+    def _empty_series_block(cls, value: Any) -> Any:
+        """``series:`` with every key commented out (config-sample.yaml) parses as None: no filter."""
+        return {} if value is None else value
 
     @field_validator("patient_id_regex")
     @classmethod
@@ -439,6 +448,15 @@ def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
     return settings_from_dict(raw, str(file), base_dir=file.resolve().parent)
 
 
+def selection_rule_name(selection: SelectionSettings) -> str:
+    """The patient rule in words, for reasons given to researchers ("not accepted by ...")."""
+    if selection.function:
+        return f"selection.function {selection.function}"
+    if selection.patient_id_regex is not None:
+        return f"selection.patient_id_regex /{selection.patient_id_regex}/"
+    return "the selection (every patient)"
+
+
 def receiver_allowed_ae_titles(settings: Settings) -> list[str]:
     """Calling AE titles the storage SCP accepts: receiver.allowed_ae_titles, else the PACS's."""
     return list(settings.receiver.allowed_ae_titles or [settings.pacs.called_ae_title])
@@ -447,14 +465,9 @@ def receiver_allowed_ae_titles(settings: Settings) -> list[str]:
 def load_selection_rule(selection: SelectionSettings) -> Callable[[Any], bool]:
     """Build the patient selection predicate: regex on PatientID, a user callable, or accept all.
 
-    The callable receives the patient's C-FIND identifier (a pydicom Dataset).
+    The callable receives the patient's C-FIND identifier (a pydicom Dataset). With a request
+    file it is applied to the patients the rows name (the rule AND the rows).
     """
-    if selection.request_file is not None:  # read and checked (dicom_assets.request_file), not yet resolved
-        raise ConfigError(
-            f"selection.request_file: {selection.request_file} is not used by discovery yet (request files are "
-            f"being built); remove the key and select patients with selection.patient_id_regex or "
-            f"selection.function for now, rather than fetch every patient of the PACS"
-        )
     if selection.function:
         module_name, _, attr = selection.function.partition(":")
         try:

@@ -14,17 +14,19 @@ from dicom_assets.defs.jobs import discover_patients_job, patient_pipeline_job, 
 from dicom_assets.defs.reporting.assets import inventory, validation_report
 from dicom_assets.defs.reporting.checks import instance_counts_match, inventory_complete
 from dicom_assets.defs.reporting.schedules import inventory_schedule
+from dicom_assets.defs.requests.assets import request_report
+from dicom_assets.defs.requests.sensors import request_file_changed
 from dicom_assets.defs.resources import dicom_resource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 from dicom_assets.defs.retrieval.schedules import retrieval_schedule
 
-ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, published_archive, validation_report, inventory]
+ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, published_archive, validation_report, inventory, request_report]
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=[instance_counts_match, archive_intact, inventory_complete],
     jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
     schedules=[discovery_schedule, retrieval_schedule, inventory_schedule],
-    sensors=[new_patients, patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
+    sensors=[new_patients, request_file_changed, patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
     resources={"dicom": dicom_resource()},
 )

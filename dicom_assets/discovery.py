@@ -239,6 +239,7 @@ def _study_record(ds: Dataset, uid: str, patient_id: str) -> StudyRecord:
         accession_number=text(ds, "AccessionNumber"),
         study_description=text(ds, "StudyDescription"),
         modalities_in_study=text(ds, "ModalitiesInStudy"),
+        sop_classes_in_study=text(ds, "SOPClassesInStudy"),  # for the series filters' SOP class groups
     )
 
 

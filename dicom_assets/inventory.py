@@ -54,6 +54,7 @@ INVENTORY_COLUMNS: tuple[str, ...] = (
     "transfer_syntaxes",
     "transcoded_instances",
     "lossy_transcoded_instances",
+    "skip_reason",  # why a series is download_status 'skipped' (the series filter's rule); empty otherwise
 )
 
 

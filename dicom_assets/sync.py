@@ -72,12 +72,12 @@ class ProgressPrinter:
             counts = self.store.status_counts()
         except Exception:  # noqa: BLE001 - progress display must never break the sync
             return
-        total = sum(counts.values())
+        total = sum(counts.values()) - counts.get("skipped", 0)  # skipped series are not to be fetched
         done = counts.get("complete", 0)
         line = (
             f"series {done}/{total} complete, {counts.get('in_progress', 0)} in progress, "
             f"{counts.get('incomplete', 0)} incomplete, {counts.get('failed', 0)} failed"
-        )
+        ) + (f", {counts['skipped']} skipped" if counts.get("skipped") else "")
         if self.out.isatty():
             width = 30
             filled = int(width * done / total) if total else 0

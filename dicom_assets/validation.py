@@ -18,8 +18,10 @@ from dicom_assets.store.state import StateStore
 #: ``lossy_transcode``: the PACS sent instances lossy-compressed that it stores lossless (a defect);
 #: ``transcoded``: in another syntax than stored, losslessly (the pixels are the archive's, the
 #: bytes are not). Both come from the state DB's record of each instance as received.
-Outcome = Literal["ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected"]
-OUTCOMES: tuple[str, ...] = ("ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected")
+#: ``skipped``: the series filters did not want the series (download_status 'skipped'): not
+#: fetched on purpose, never counted as missing.
+Outcome = Literal["ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected", "skipped"]
+OUTCOMES: tuple[str, ...] = ("ok", "mismatch", "lossy_transcode", "transcoded", "unknown_expected", "skipped")
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class SeriesValidation:
     transfer_syntaxes: str | None = None
     transcoded_instances: int = 0
     lossy_transcoded_instances: int = 0
+    skip_reason: str | None = None  # outcome 'skipped': the series filter's rule
 
 
 VALIDATION_COLUMNS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SeriesValidation))
@@ -51,7 +54,8 @@ def validate_patient(
 ) -> list[SeriesValidation]:
     """One row per series of the patient (in store.series_of order).
 
-    downloaded_instances = instance files on disk. Outcome: ``unknown_expected`` when the
+    downloaded_instances = instance files on disk. Outcome: ``skipped`` for a skipped series
+    (whatever is on disk: the filters did not want it), ``unknown_expected`` when the
     PACS count is unknown (NULL), ``ok`` when the count on disk equals it, else ``mismatch``.
     ``expected_sop_uids`` (SeriesInstanceUID -> SOPInstanceUIDs, e.g. from an IMAGE-level
     query) fills missing/extra (sorted) for the series it contains, None for the others; any
@@ -68,7 +72,9 @@ def validate_patient(
             missing = tuple(sorted(expected_set - on_disk.keys()))
             extra = tuple(sorted(on_disk.keys() - expected_set))
         outcome: Outcome
-        if missing or extra:
+        if s.download_status == "skipped":
+            outcome = "skipped"
+        elif missing or extra:
             outcome = "mismatch"
         elif s.lossy_transcoded_instances:
             outcome = "lossy_transcode"
@@ -98,6 +104,7 @@ def validate_patient(
                 transfer_syntaxes=s.transfer_syntaxes,
                 transcoded_instances=s.transcoded_instances,
                 lossy_transcoded_instances=s.lossy_transcoded_instances,
+                skip_reason=s.skip_reason,
             )
         )
     return rows

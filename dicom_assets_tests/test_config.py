@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_assets.config import ConfigError, load_selection_rule, load_settings, settings_from_dict
+from dicom_assets.config import ConfigError, load_selection_rule, load_settings, selection_rule_name, settings_from_dict
 
 MINIMAL = {
     "pacs": {"host": "127.0.0.1", "port": 4242, "called_ae_title": "ORTHANC"},
@@ -172,8 +172,11 @@ def test_selection_request_file_is_taken_from_the_config_directory(tmp_path: Pat
     assert selection.request_file == tmp_path / "irb" / "cohort.xlsx"
     assert selection.patient_id_regex == "^0"
     assert settings_from_dict(MINIMAL).selection.request_file is None
-    with pytest.raises(ConfigError, match=r"selection\.request_file: .* is not used by discovery yet"):
-        load_selection_rule(selection)  # never silently fetch every patient instead of the rows
+    rule = load_selection_rule(selection)  # the patient rule, applied to the rows' patients
+    zero, plain = Dataset(), Dataset()
+    zero.PatientID, plain.PatientID = "0123", "123"
+    assert rule(zero) and not rule(plain)
+    assert selection_rule_name(selection) == "selection.patient_id_regex /^0/"
 
 
 def test_selection_request_file_errors_name_the_key(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import small_cohort
 
-ASSET_KEYS = {"patients", "studies", "series", "downloaded_series", "patient_archive", "published_archive", "validation_report", "inventory"}
+ASSET_KEYS = {"patients", "studies", "series", "downloaded_series", "patient_archive", "published_archive", "validation_report", "inventory", "request_report"}
 
 
 def test_code_location_has_exactly_the_documented_assets() -> None:
@@ -25,7 +25,7 @@ def test_code_location_has_exactly_the_documented_assets() -> None:
     repo = defs.get_repository_def()
     keys = {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()}
     assert keys == ASSET_KEYS
-    assert {s.name for s in repo.sensor_defs} >= {"patient_archive_outdated"}
+    assert {s.name for s in repo.sensor_defs} >= {"patient_archive_outdated", "request_file_changed"}
     assert {"discover_patients", "patient_pipeline", "write_inventory"} <= {j.name for j in repo.get_all_jobs()}
 
 

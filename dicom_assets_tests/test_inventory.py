@@ -51,7 +51,7 @@ def _seed(store: StateStore) -> StateStore:
 
 def test_query_columns_match_inventory_columns(store: StateStore) -> None:
     assert tuple(c.name for c in store.inventory_query().selected_columns) == INVENTORY_COLUMNS
-    assert len(INVENTORY_COLUMNS) == 32
+    assert len(INVENTORY_COLUMNS) == 33 and INVENTORY_COLUMNS[-1] == "skip_reason"
 
 
 def test_iter_inventory_chunks_and_order(seeded: StateStore) -> None:
@@ -76,7 +76,7 @@ def test_write_inventory(seeded: StateStore, tmp_path: Path) -> None:
     stats = write_inventory(seeded, out, chunk_rows=2)
     assert stats.path == out
     assert (stats.rows, stats.patients, stats.studies, stats.bytes) == (5, 3, 4, 3500)
-    assert stats.by_status == {"pending": 3, "in_progress": 0, "complete": 1, "incomplete": 0, "failed": 1}
+    assert stats.by_status == {"pending": 3, "in_progress": 0, "complete": 1, "incomplete": 0, "failed": 1, "skipped": 0}
     assert stats.seconds >= 0
     frame = pd.read_csv(out, dtype=str, keep_default_na=False)
     assert tuple(frame.columns) == INVENTORY_COLUMNS

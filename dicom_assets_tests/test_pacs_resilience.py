@@ -256,7 +256,7 @@ def test_missing_counts_and_refused_image_level_mean_unknown_not_a_crash(faulty,
 
 
 def test_pacs_restarting_mid_run_is_waited_for_without_burning_attempts(tmp_path: Path, sqlite_url: str) -> None:
-    cohort = small_cohort(tmp_path / "pacs", patient_ids=("P1",), series=2, slices=3)
+    small_cohort(tmp_path / "pacs", patient_ids=("P1",), series=2, slices=3)
     receiver_port = free_port()
     destinations = {"DICOM_ASSETS": ("127.0.0.1", receiver_port)}
     pacs = DevPacs(tmp_path / "pacs", move_destinations=destinations).start()
@@ -340,7 +340,7 @@ def test_find_cap_splits_study_queries_by_date_and_derives_patients(tmp_path: Pa
 
 
 def test_blackout_window_holds_requests_until_it_ends(tmp_path: Path) -> None:
-    cohort = small_cohort(tmp_path / "pacs", patient_ids=("P1",), series=1, slices=1)
+    small_cohort(tmp_path / "pacs", patient_ids=("P1",), series=1, slices=1)
     now = datetime.now()
     window = f"{(now - timedelta(seconds=5)):%H:%M:%S}-{(now + timedelta(seconds=3)):%H:%M:%S}"
     with DevPacs(tmp_path / "pacs") as pacs:

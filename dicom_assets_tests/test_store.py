@@ -50,6 +50,7 @@ def _family(type_: sa.types.TypeEngine) -> str:
     for family, cls in (
         ("bigint", sa.BigInteger),
         ("integer", sa.Integer),
+        ("boolean", sa.Boolean),
         ("datetime", sa.DateTime),
         ("text", sa.String),
     ):
@@ -103,7 +104,7 @@ def test_create_schema_is_idempotent_and_builds_triggers(store: StateStore) -> N
             triggers = conn.execute(sa.text("SELECT tgname FROM pg_trigger WHERE NOT tgisinternal")).scalars()
         else:
             triggers = conn.execute(sa.text("SELECT name FROM sqlite_master WHERE type = 'trigger'")).scalars()
-        assert set(triggers) == {f"{t}_date_modified" for t in ("patients", "studies", "series", "archives")}
+        assert set(triggers) == {f"{t}_date_modified" for t in ("patients", "studies", "series", "archives", "request_rows")}
 
 
 def test_create_schema_on_a_busy_db_takes_no_table_locks(pg_store: StateStore, pg_url: str) -> None:
@@ -535,5 +536,6 @@ def test_archive_candidates_and_counts(store: StateStore) -> None:
     ]
     assert [c.patient_id for c in store.archive_candidates(after_key="A", limit=1)] == ["B"]
     assert [c.partition_key for c in store.archive_candidates(after_key="B")] == ["D"]
-    assert store.status_counts() == {"pending": 2, "in_progress": 0, "complete": 8, "incomplete": 0, "failed": 0}
+    assert store.status_counts() == {"pending": 2, "in_progress": 0, "complete": 8, "incomplete": 0, "failed": 0,
+                                     "skipped": 0}
     assert store.patient_counts() == {"patients": 6, "archived": 1, "pending": 5}

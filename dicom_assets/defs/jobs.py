@@ -19,5 +19,7 @@ patient_pipeline_job = dg.define_asset_job(
 )
 
 write_inventory_job = dg.define_asset_job(
-    "write_inventory", selection=dg.AssetSelection.assets(inventory), description="The inventory CSV"
+    "write_inventory",
+    selection=dg.AssetSelection.assets(inventory, "request_report"),
+    description="The inventory CSV, and the request report (when selection.request_file is set)",
 )

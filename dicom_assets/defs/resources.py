@@ -12,9 +12,10 @@ from typing import Sequence
 
 import dagster as dg
 
-from dicom_assets.config import CONFIG_ENV_VAR, ScheduleSettings, Settings, load_selection_rule, load_settings
+from dicom_assets.config import CONFIG_ENV_VAR, ScheduleSettings, Settings, load_selection_rule, load_settings, selection_rule_name
 from dicom_assets.pacs.budget import DatabaseBudget, budget_window_s, pacs_key
 from dicom_assets.pacs.client import PacsClient
+from dicom_assets.request_file import RequestFile, RequestFileError, read_request_file
 from dicom_assets.store import StateStore
 
 
@@ -61,6 +62,21 @@ class DicomAssetsResource(dg.ConfigurableResource):
 
     def selection_rule(self):  # type: ignore[no-untyped-def]
         return load_selection_rule(self.settings().selection)
+
+    def selection_rule_name(self) -> str:
+        return selection_rule_name(self.settings().selection)
+
+    def request_file(self) -> RequestFile | None:
+        """The researcher's request file (selection.request_file) as it is now, or None without
+        one. A malformed file fails the run with every problem named (file, row, column) before
+        anything is asked or changed."""
+        path = self.settings().selection.request_file
+        if path is None:
+            return None
+        try:
+            return read_request_file(path)
+        except RequestFileError as exc:
+            raise dg.Failure(str(exc)) from None
 
     def patient_ids(self, partition_keys: Sequence[str]) -> list[str]:
         """Map partition keys to PatientIDs through the state DB; unknown keys are an error."""

@@ -236,6 +236,7 @@ class _Counts:
     series: set[str] = field(default_factory=set)
     instances: int = 0
     modalities: set[str] = field(default_factory=set)
+    sop_classes: set[str] = field(default_factory=set)
 
 
 class _Catalog:
@@ -258,6 +259,7 @@ class _Catalog:
                 counts.instances += 1
                 if modality:
                     counts.modalities.add(modality)
+                counts.sop_classes.add(inst.sop_class_uid)
             self.series.setdefault(ids[2], _Counts()).instances += 1
         self.groups: tuple[tuple[_Group, ...], ...] = tuple(
             tuple(_Group(level, key, tuple(members)) for key, members in grouped[level].items()) for level in range(4)
@@ -288,6 +290,9 @@ _COMPUTED: dict[int, tuple[int, str, Callable[[_Catalog, tuple[str, ...]], Any]]
     int(Tag("NumberOfStudyRelatedSeries")): (STUDY, "IS", lambda c, ids: len(c.studies[ids[1]].series)),
     int(Tag("NumberOfStudyRelatedInstances")): (STUDY, "IS", lambda c, ids: c.studies[ids[1]].instances),
     int(Tag("ModalitiesInStudy")): (STUDY, "CS", lambda c, ids: sorted(c.studies[ids[1]].modalities)),
+    # A matching key like ModalitiesInStudy: a study matches when any of its classes is (one of) the
+    # value(s). Orthanc 1.10.1 returns it but matches no study on it: dicom_assets_tests/test_devpacs_query_keys.py.
+    int(Tag("SOPClassesInStudy")): (STUDY, "UI", lambda c, ids: sorted(c.studies[ids[1]].sop_classes)),
     int(Tag("NumberOfSeriesRelatedInstances")): (SERIES, "IS", lambda c, ids: c.series[ids[2]].instances),
     int(Tag("InstanceAvailability")): (PATIENT, "CS", lambda c, ids: "ONLINE"),
 }

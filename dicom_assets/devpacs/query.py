@@ -4,6 +4,21 @@
 wildcards, UID lists, date/time ranges) at the level it names, checked against the information
 model (Patient Root or Study Root), and builds the C-FIND responses.
 
+Matching, checked against Orthanc 1.10.1 by ``dicom_assets_tests/test_devpacs_query_keys.py``:
+
+* Text is matched **case-sensitively** except PN (PS3.4 C.2.2.2.1; Orthanc's default): a
+  SeriesDescription ``*localizer*`` does not match ``Localizer``, an AccessionNumber ``acc-1``
+  not ``ACC-1``. A case-insensitive filter must be applied by the requestor, on returned values.
+* ``*``/``?`` wildcards in a single value; several values (``CT\\MR``) match any of them,
+  exactly (wildcards in a list are literal, as in Orthanc). IDs match exactly: ``000123`` is
+  not ``123``. DA/TM/DT ranges ``lo-hi``, ``lo-``, ``-hi`` include their bounds.
+* Computed study attributes are matching keys: ModalitiesInStudy and SOPClassesInStudy match a
+  study when any of its values does (Orthanc: ModalitiesInStudy likewise; SOPClassesInStudy
+  matches no study there). The ``NumberOf...`` counts match too (Orthanc: never).
+* A key of a level below the query's (Modality at STUDY level) is ignored, as return-only.
+  Orthanc differs: Modality or SeriesDescription at STUDY level match no study, SOPClassUID at
+  SERIES level is tested on one instance of each series. Send every filter at its own level.
+
 Split out of :mod:`dicom_assets.devpacs.server` (names kept, so the moved code reads as before).
 """
 
@@ -122,7 +137,9 @@ def _compile(vr: str, text: str) -> Callable[[Sequence[str]], bool] | None:
     if vr in _RANGE_VRS and "-" in text and not (vr == "DT" and text.count("-") > 1):
         return _range_test(text)
     alternatives = text.split("\\")
-    if vr in _WILDCARD_VRS and ("*" in text or "?" in text):
+    # Several values (CT\MR) match any of them exactly: like Orthanc, ``*``/``?`` are wildcards
+    # in a single value only (Localizer\T1* matches "T1*" literally).
+    if vr in _WILDCARD_VRS and len(alternatives) == 1 and ("*" in text or "?" in text):
         patterns = [_wildcard(alt, ignore_case=vr == "PN") for alt in alternatives]
         return lambda values: any(p.match(v) for p in patterns for v in values)
     if vr == "PN":

@@ -105,6 +105,7 @@ STUDY_KEYS = (
     "StudyDescription",
     "ModalitiesInStudy",
     "PatientID",
+    "SOPClassesInStudy",  # the series filters' SOP class groups: which studies hold SRs, raw data ...
 )
 #: Computed counts asked for with patients and studies: how incremental discovery notices that
 #: something changed below a patient or a study without asking about each one.
@@ -445,6 +446,19 @@ class PacsSession:
             return found
         log.warning("the studies dated %s: %d = pacs.max_find_results; splitting by StudyDate", span or "any day", len(found))
         return self.find_split(ident, since)
+
+    def find_studies_matching(self, **keys: str) -> list[Dataset]:
+        """Studies matching these STUDY-level keys (Study Root; e.g. AccessionNumber, PatientID,
+        StudyDate range, ModalitiesInStudy), with the patient's demographics and the related
+        counts; split by StudyDate when the answer hits ``pacs.max_find_results``. The PACS may
+        match loosely (wildcards, case): the caller checks what it needs exactly."""
+        values = {"PatientID": "", "StudyInstanceUID": "", **keys}
+        ident = _blank(_identifier("STUDY", **values), tuple(k for k in (*PATIENT_KEYS, *STUDY_KEYS, *STUDY_COUNT_KEYS) if k not in values))
+        found = self.retrying(lambda: self.find(ident), f"C-FIND of the studies with {keys}")
+        if self._capped(found) and not keys.get("StudyInstanceUID"):
+            log.warning("studies with %s: %d = pacs.max_find_results; splitting by StudyDate", keys, len(found))
+            found = self.find_split(ident)
+        return found
 
     def find_split(self, base: Dataset, since: date | None = None) -> list[Dataset]:
         """A STUDY-level C-FIND split by StudyDate (then StudyTime) ranges until every part

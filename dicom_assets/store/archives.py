@@ -104,12 +104,14 @@ class ArchiveQueries(StoreBase):
 
     @staticmethod
     def _series_counts() -> sa.Subquery:
+        """Per patient: ``n`` = series held (every series but the skipped ones: what the zip's
+        ``<N>`` counts), ``not_complete`` = held series not complete yet."""
         s = t.series.c
         return (
             sa.select(
                 s.patient_id,
-                sa.func.count().label("n"),
-                sa.func.sum(sa.case((s.download_status == "complete", 0), else_=1)).label("not_complete"),
+                sa.func.sum(sa.case((s.download_status == "skipped", 0), else_=1)).label("n"),
+                sa.func.sum(sa.case((s.download_status.in_(("complete", "skipped")), 0), else_=1)).label("not_complete"),
             )
             .group_by(s.patient_id)
             .subquery("counts")
@@ -124,8 +126,10 @@ class ArchiveQueries(StoreBase):
         return query.subquery("latest")
 
     def archive_candidates(self, after_key: str | None = None, limit: int = 1000) -> list[ArchiveCandidate]:
-        """Patients (ordered by partition_key, > after_key) with >= 1 series, every series complete,
-        and no archive or a latest archive whose series_count differs from the current count."""
+        """Patients (ordered by partition_key, > after_key) with >= 1 held series (not skipped),
+        every held series complete, and no archive or a latest archive whose series_count differs
+        from the held count (so skipping or unskipping series rebuilds the zip; a patient whose
+        series are all skipped gets none)."""
         p = t.patients.c
         counts = self._series_counts()
         latest = self._latest_archive_ids()
@@ -138,6 +142,7 @@ class ArchiveQueries(StoreBase):
                 .outerjoin(a, a.c.archive_id == latest.c.archive_id)
             )
             .where(
+                counts.c.n > 0,
                 counts.c.not_complete == 0,
                 sa.or_(a.c.archive_id.is_(None), a.c.series_count != counts.c.n),
             )

@@ -9,6 +9,7 @@ per public method, SQLite locking) are described in :mod:`dicom_assets.store.sta
 from __future__ import annotations
 
 import hashlib
+import re
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from itertools import islice
@@ -47,6 +48,7 @@ _SERIES_STATE_COLUMNS = (
     "transfer_syntaxes",
     "transcoded_instances",
     "lossy_transcoded_instances",
+    "skip_reason",
 )
 
 
@@ -101,6 +103,37 @@ def _add_missing_sqlite_columns(conn: sa.Connection) -> set[tuple[str, str]]:
             conn.exec_driver_sql(ddl)
             added.add((table.name, column.name))
     return added
+
+
+_STATUS_CHECK = re.compile(r"download_status\s+IN\s*\([^)]*\)", re.IGNORECASE)
+
+
+def _widen_sqlite_status_check(conn: sa.Connection) -> bool:
+    """Make an older SQLite state DB accept every status of t.SERIES_STATUSES ('skipped' came
+    later); returns whether the stored ``CREATE TABLE series`` was changed.
+
+    SQLite cannot ALTER a CHECK constraint. This is its documented way for a change that leaves
+    the stored data valid (https://www.sqlite.org/lang_altertable.html, "Making Other Kinds Of
+    Table Schema Changes"): rewrite the table's SQL in sqlite_schema under writable_schema and
+    bump schema_version so every connection re-reads it. The new CHECK only admits more values,
+    so no row, index or trigger is affected and the table is not copied (a rebuild would rewrite
+    every series row). Runs only when the stored SQL lacks a status: once per old DB.
+    """
+    row = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'series'").first()
+    if row is None or all(f"'{status}'" in row[0] for status in t.SERIES_STATUSES):
+        return False
+    allowed = ", ".join(f"'{status}'" for status in t.SERIES_STATUSES)
+    new_sql, found = _STATUS_CHECK.subn(f"download_status IN ({allowed})", row[0], count=1)
+    if not found:
+        raise RuntimeError("the SQLite state DB's series table has no download_status CHECK to widen: " + row[0])
+    version = conn.exec_driver_sql("PRAGMA schema_version").scalar_one()
+    conn.exec_driver_sql("PRAGMA writable_schema = ON")
+    try:
+        conn.exec_driver_sql("UPDATE sqlite_master SET sql = ? WHERE type = 'table' AND name = 'series'", (new_sql,))
+        conn.exec_driver_sql(f"PRAGMA schema_version = {int(version) + 1}")
+    finally:
+        conn.exec_driver_sql("PRAGMA writable_schema = OFF")
+    return True
 
 
 def _has_column(cursor: Any, table: str, column: str) -> bool:
@@ -232,6 +265,10 @@ class StoreBase:
             finally:
                 raw.close()
             return
+        with self._write() as conn:
+            widened = _widen_sqlite_status_check(conn)
+        if widened:  # connections opened before hold the old schema: let them go
+            self.engine.dispose()
         with self._write() as conn:
             t.metadata.create_all(conn)
             if ("series", "network_faults") in _add_missing_sqlite_columns(conn):

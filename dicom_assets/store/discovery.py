@@ -24,6 +24,7 @@ _STUDY_FIELDS = (
     "accession_number",
     "study_description",
     "modalities_in_study",
+    "sop_classes_in_study",
 )
 _SERIES_FIELDS = (
     "series_number",

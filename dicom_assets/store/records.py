@@ -6,7 +6,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
 
-SeriesStatus = Literal["pending", "in_progress", "complete", "incomplete", "failed"]
+SeriesStatus = Literal["pending", "in_progress", "complete", "incomplete", "failed", "skipped"]
+#: What a retrieval claim may take. Never ``skipped``: a series the series filters (or the request
+#: file) do not want is not fetched (dicom_assets.series_filter).
 RETRIEVABLE: tuple[SeriesStatus, ...] = ("pending", "incomplete", "failed")
 
 
@@ -28,6 +30,7 @@ class StudyRecord:
     accession_number: str | None = None
     study_description: str | None = None
     modalities_in_study: str | None = None
+    sop_classes_in_study: str | None = None  # SOPClassesInStudy, backslash-separated
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class SeriesState:
     transfer_syntaxes: str | None = None  # as received, distinct, backslash-separated (store.instances)
     transcoded_instances: int = 0  # received in another syntax than the PACS stores them in
     lossy_transcoded_instances: int = 0  # ... lossy-compressed from a lossless original
+    skip_reason: str | None = None  # why the series is 'skipped' (dicom_assets.series_filter)
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ class ReportQueries(ArchiveQueries):
         return out
 
     def patient_counts(self) -> dict[str, int]:
-        """{'patients': n, 'archived': patients whose latest archive matches their series count,
-        'pending': the rest}."""
+        """{'patients': n, 'archived': patients whose latest archive matches their held series
+        count, 'pending': the rest, except patients whose every series is skipped (nothing to
+        archive: patients - archived - pending)}."""
         counts = self._series_counts()
         latest = self._latest_archive_ids()
         a = t.archives.alias("a")
@@ -49,7 +50,8 @@ class ReportQueries(ArchiveQueries):
         with self._read() as conn:
             total = conn.execute(sa.select(sa.func.count()).select_from(t.patients)).scalar_one()
             archived = conn.execute(archived_q).scalar_one()
-        return {"patients": total, "archived": archived, "pending": total - archived}
+            all_skipped = conn.execute(sa.select(sa.func.count()).select_from(counts).where(counts.c.n == 0)).scalar_one()
+        return {"patients": total, "archived": archived, "pending": total - archived - all_skipped}
 
     def inventory_query(self) -> sa.Select:
         """The inventory SELECT (columns = dicom_assets.inventory.INVENTORY_COLUMNS, in order)."""
@@ -90,6 +92,7 @@ class ReportQueries(ArchiveQueries):
                 se.transfer_syntaxes,
                 se.transcoded_instances,
                 se.lossy_transcoded_instances,
+                se.skip_reason,
             )
             .select_from(
                 t.series.join(t.studies, se.study_instance_uid == st.study_instance_uid)

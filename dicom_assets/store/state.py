@@ -11,7 +11,9 @@ The queries are grouped by concern, one module each, and StateStore combines the
 - :mod:`~dicom_assets.store.claims`: retrieval claims;
 - :mod:`~dicom_assets.store.archives`: archive records and archive candidates;
 - :mod:`~dicom_assets.store.reporting`: status and patient counts, the inventory;
-- :mod:`~dicom_assets.store.budget`: the PACS request budget.
+- :mod:`~dicom_assets.store.selection`: series facts for the series filters, ``skipped`` marks;
+- :mod:`~dicom_assets.store.budget`: the PACS request budget;
+- :mod:`~dicom_assets.store.requests`: the request file's rows and what they resolved to.
 
 Time: on PostgreSQL every "now" is the database clock (``now()``); on SQLite it is Python's UTC
 clock, stored as naive UTC text (the SQLAlchemy SQLite DateTime format), so string comparison is
@@ -34,6 +36,8 @@ from dicom_assets.store.instances import InstanceQueries, ReceivedSummary
 from dicom_assets.store.incremental import DiscoveryWatermark, IncrementalDiscoveryQueries, OutdatedRow, RelatedCounts
 from dicom_assets.store.lookups import LookupQueries
 from dicom_assets.store.reporting import ReportQueries
+from dicom_assets.store.selection import SeriesSelectionQueries, SkipCounts
+from dicom_assets.store.requests import RequestQueries
 
 __all__ = [
     "BATCH_ROWS",
@@ -42,6 +46,7 @@ __all__ = [
     "DiscoveryWatermark",
     "OutdatedRow",
     "ReceivedSummary",
+    "SkipCounts",
     "RelatedCounts",
     "StateStore",
 ]
@@ -56,6 +61,8 @@ class StateStore(
     ArchiveQueries,
     BudgetQueries,
     InstanceQueries,
+    SeriesSelectionQueries,
+    RequestQueries,
     StoreBase,
 ):
     """Thread-safe handle on the state DB (one SQLAlchemy engine; each method is one transaction)."""

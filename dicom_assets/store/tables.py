@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.functions import FunctionElement
 
-SERIES_STATUSES: tuple[str, ...] = ("pending", "in_progress", "complete", "incomplete", "failed")
+SERIES_STATUSES: tuple[str, ...] = ("pending", "in_progress", "complete", "incomplete", "failed", "skipped")
 
 metadata = sa.MetaData()
 
@@ -83,6 +83,8 @@ studies = sa.Table(
     sa.Column("related_series", sa.Integer),
     sa.Column("related_instances", sa.Integer),
     sa.Column("series_outdated_at", sa.DateTime(timezone=True), server_default=db_now()),
+    # added later by ALTER TABLE in schema.sql (series filters: SOP class groups)
+    sa.Column("sop_classes_in_study", sa.Text),
     sa.Index("studies_patient_idx", "patient_id"),
 )
 
@@ -124,6 +126,9 @@ series = sa.Table(
     sa.Column("transfer_syntaxes", sa.Text),
     sa.Column("transcoded_instances", sa.Integer, nullable=False, server_default=sa.text("0")),
     sa.Column("lossy_transcoded_instances", sa.Integer, nullable=False, server_default=sa.text("0")),
+    # added later by ALTER TABLE in schema.sql (series filters and request files)
+    sa.Column("skip_reason", sa.Text),
+    sa.Column("sop_classes", sa.Text),
     sa.CheckConstraint(
         "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
         name="series_download_status_check",
@@ -239,4 +244,38 @@ schema_applied = sa.Table(
     sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
 )
 
-TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives)
+REQUEST_RESOLUTIONS: tuple[str, ...] = ("unresolved", "found", "not_found", "ambiguous", "rejected")
+
+request_rows = sa.Table(
+    "request_rows",
+    metadata,
+    sa.Column("row_key", sa.Text, primary_key=True),
+    sa.Column("row_number", sa.Integer, nullable=False),
+    sa.Column("patient_id", sa.Text),
+    sa.Column("accession_number", sa.Text),
+    sa.Column("study_instance_uid", sa.Text),
+    sa.Column("study_date_from", sa.Text),
+    sa.Column("study_date_until", sa.Text),
+    sa.Column("modalities", sa.Text),
+    sa.Column("study_description", sa.Text),
+    sa.Column("active", sa.Boolean, nullable=False, server_default=sa.true()),
+    sa.Column("resolution", sa.Text, nullable=False, server_default=sa.text("'unresolved'")),
+    sa.Column("reason", sa.Text),
+    sa.Column("resolved_at", sa.DateTime(timezone=True)),
+    *_timestamps(),
+    sa.CheckConstraint(
+        "resolution IN (" + ", ".join(f"'{r}'" for r in REQUEST_RESOLUTIONS) + ")",
+        name="request_rows_resolution_check",
+    ),
+)
+
+request_row_studies = sa.Table(
+    "request_row_studies",
+    metadata,
+    sa.Column("row_key", sa.Text, sa.ForeignKey("request_rows.row_key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("study_instance_uid", sa.Text, primary_key=True),
+    sa.Column("patient_id", sa.Text, nullable=False),
+    sa.Index("request_row_studies_study_idx", "study_instance_uid"),
+)
+
+TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives, request_rows)

@@ -15,6 +15,7 @@ import dagster as dg
 from dicom_assets.defs.partitions import PACS_POOL, PATIENTS_PARTITION_SET, per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.discovery import discover_pass, discover_series, discover_studies
+from dicom_assets.request_resolution import discover_requested, request_series_skip
 
 #: Run tag forcing a full discovery pass (every StudyDate): ``dicom-assets sync --full-discovery``.
 FULL_DISCOVERY_TAG = "dicom_assets/full_discovery"
@@ -23,19 +24,33 @@ FULL_DISCOVERY_TAG = "dicom_assets/full_discovery"
 @dg.asset(group_name="discovery", kinds={"dicom"}, pool=PACS_POOL)
 def patients(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Every PACS patient accepted by the selection rule (one partition registered each), and
-    the studies of the discovery pass's date windows."""
+    the studies of the discovery pass's date windows; with a request file, the patients and
+    studies its rows name (each row resolved by C-FIND, see dicom_assets.request_resolution)."""
     force_full = context.run.tags.get(FULL_DISCOVERY_TAG, "").strip().lower() == "true"
-    keys, stats = discover_pass(dicom.pacs(), dicom.store(), dicom.selection_rule(), dicom.settings().discovery, force_full)
+    request = dicom.request_file()
+    if request is not None:
+        keys, stats = discover_requested(
+            dicom.pacs(), dicom.store(), request, dicom.selection_rule(), dicom.selection_rule_name(),
+            dicom.settings().discovery, force_full,
+        )  # fmt: skip
+        context.log.info(
+            f"{'full' if stats.full_pass else 'incremental'} pass over request file {request.path.name}: {stats.rows} rows "
+            f"({stats.rows_new} new, {stats.rows_removed} removed), {stats.rows_resolved} asked about: {stats.found} found, "
+            f"{stats.not_found} not found, {stats.ambiguous} ambiguous, {stats.rejected} refused by the patient rule; "
+            f"{stats.kept} patient(s), {stats.requests} PACS requests"
+        )
+    else:
+        keys, stats = discover_pass(dicom.pacs(), dicom.store(), dicom.selection_rule(), dicom.settings().discovery, force_full)
+        context.log.info(
+            f"{'full' if stats.full_pass else 'incremental'} pass: {stats.found} patients on the PACS, {stats.kept} selected, "
+            f"{stats.studies_found} studies in {stats.windows} date window(s), {stats.series_to_check} to check for series, "
+            f"{stats.patients_to_check} patient(s) to ask for studies, {stats.requests} PACS requests"
+        )
     known = set(context.instance.get_dynamic_partitions(PATIENTS_PARTITION_SET))
     new = [k for k in keys if k not in known]
     if new:
         context.log.info(f"registering {len(new)} new patient partition(s)")
         context.instance.add_dynamic_partitions(PATIENTS_PARTITION_SET, new)
-    context.log.info(
-        f"{'full' if stats.full_pass else 'incremental'} pass: {stats.found} patients on the PACS, {stats.kept} selected, "
-        f"{stats.studies_found} studies in {stats.windows} date window(s), {stats.series_to_check} to check for series, "
-        f"{stats.patients_to_check} patient(s) to ask for studies, {stats.requests} PACS requests"
-    )
     for pid in stats.skipped:
         context.log.warning(f"skipped {pid!r} (see the log above for why)")
     return dg.MaterializeResult(metadata={**stats.metadata(), "partitions_added": len(new), "partitions_total": len(known) + len(new)})
@@ -54,7 +69,12 @@ def _manual_refresh(context: dg.AssetExecutionContext) -> bool:
 )
 def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """The patients' studies (keyed by StudyInstanceUID): one C-FIND per patient the discovery
-    pass could not account for (new, or changed below an old study), none for the others."""
+    pass could not account for (new, or changed below an old study), none for the others. With a
+    request file the rows name the studies: none is asked for here (that would add studies of
+    the patient that nobody requested)."""
+    if dicom.settings().selection.request_file is not None:
+        context.log.info("studies come from the request file's rows (the patients asset); nothing to ask here")
+        return dg.MaterializeResult(metadata={"pacs_requests": 0, "patients": len(context.partition_keys), "patients_queried": 0})
     stats = discover_studies(dicom.pacs(), dicom.store(), dicom.patient_ids(context.partition_keys), _manual_refresh(context))
     context.log.info(f"{stats.studies_known} studies of {len(context.partition_keys)} patient(s); {stats.patients_queried} asked for")
     return dg.MaterializeResult(metadata={**stats.metadata(), "patients": len(context.partition_keys)})
@@ -67,10 +87,27 @@ def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg
     deps=[studies],
 )
 def series(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
-    """The series of the patients' new or changed studies, with the PACS's expected instance counts."""
-    stats = discover_series(dicom.pacs(), dicom.store(), dicom.patient_ids(context.partition_keys), _manual_refresh(context))
+    """The series of the patients' new or changed studies, with the PACS's expected instance counts;
+    then the series selection (``selection.series``) over every series of these patients: the
+    unwanted ones are ``skipped`` with the rule that skipped them, the wanted ones fetched."""
+    from dicom_assets.series_filter import SeriesFilter
+    from dicom_assets.series_selection import apply_series_selection
+
+    patient_ids = dicom.patient_ids(context.partition_keys)
+    pacs = dicom.pacs()
+    stats = discover_series(pacs, dicom.store(), patient_ids, _manual_refresh(context))
     context.log.info(
         f"{stats.studies_queried} studies asked for series: {stats.found} series, {stats.inserted} new, "
         f"{stats.reset_to_pending} to fetch again"
     )
-    return dg.MaterializeResult(metadata={**stats.metadata(), "patients": len(context.partition_keys)})
+    request_skip = request_series_skip(dicom.store(), patient_ids) if dicom.settings().selection.request_file else None
+    selection = apply_series_selection(
+        dicom.store(), pacs, patient_ids, SeriesFilter(dicom.settings().selection.series), request_skip=request_skip
+    )
+    for reason, n in selection.reasons.most_common(20):
+        context.log.info(f"{n} series skipped: {reason}")
+    if selection.series_unskipped:
+        context.log.info(f"{selection.series_unskipped} series no longer skipped: fetched by this run")
+    return dg.MaterializeResult(
+        metadata={**stats.metadata(), **selection.metadata(), "patients": len(context.partition_keys)}
+    )

@@ -26,7 +26,7 @@ def validation_report(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
         write_validation_csv(rows, settings.paths.report_dir / "validation" / f"{patient_key(pid)}.csv")
         for row in rows:
             counts[row.outcome] += 1
-            if row.outcome != "ok":
+            if row.outcome not in ("ok", "skipped"):
                 context.log.warning(
                     f"{pid!r} series {row.series_instance_uid}: {row.outcome}, expected "
                     f"{row.expected_instances}, on disk {row.downloaded_instances}"
