@@ -1,14 +1,17 @@
-"""Discovery and scale: benchmarks that live in their own modules, run in a child process each.
+"""Discovery, request file and scale: benchmarks that live in their own modules, run in a child
+process each.
 
-``benchmarks/discovery.py`` and ``benchmarks/scale.py`` are written separately; this runner
-imports whichever exists, calls its entry point and writes the figures as JSON, so a crash or
-a missing module there costs one section ("not run" with the reason), never the whole run.
+``benchmarks/discovery.py``, ``benchmarks/request_file.py`` and ``benchmarks/scale.py`` are
+written separately; this runner imports whichever exists, calls its entry point and writes the
+figures as JSON, so a crash or a missing module there costs one section ("not run" with the
+reason), never the whole run.
 
-    python -m benchmarks.external discovery|scale OUT.json [--pg-admin-url URL] [--work-dir DIR] [--quick]
+    python -m benchmarks.external discovery|request_file|scale OUT.json [--pg-admin-url URL] [--work-dir DIR] [--quick]
 
-Discovery gets the work directory (its 2,000-patient cohort is cached there, next to ours) and
-a fresh PostgreSQL state DB; ``--quick`` runs it with 20 patients. Scale has no small size, so
-the harness does not run it with ``--quick``.
+Discovery and request file get the work directory (their cohorts, 2,000 and 1,010 patients, are
+cached there, next to ours) and a fresh PostgreSQL state DB; ``--quick`` runs them with 20
+patients and a 50-row file (``QUICK_PATIENTS``). Scale has no small size, so the harness does not
+run it with ``--quick``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,12 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 #: Section -> (module, entry points tried in order). The first that exists is called.
 ENTRY_POINTS: dict[str, tuple[str, tuple[str, ...]]] = {
     "discovery": ("benchmarks.discovery", ("benchmark_discovery", "run_discovery_benchmark")),
+    "request_file": ("benchmarks.request_file", ("benchmark_request_file",)),
     "scale": ("benchmarks.scale", ("run_scale_benchmark",)),
 }
-TIMEOUT_S = {"discovery": 600.0, "scale": 900.0}
-QUICK_DISCOVERY_PATIENTS = 20
+TIMEOUT_S = {"discovery": 600.0, "request_file": 600.0, "scale": 900.0}
+#: ``patients`` given to a section's entry point under ``--quick`` (the request file: its rows).
+QUICK_PATIENTS = {"discovery": 20, "request_file": 50}
 
 
 @dataclass(frozen=True)
@@ -81,7 +86,7 @@ def _call(section: str, pg_admin_url: str | None, work_dir: Path, quick: bool) -
     if section == "scale":
         return dict(fn(**({"pg_admin_url": pg_admin_url} if "pg_admin_url" in accepted else {})))
     with scratch_database(pg_admin_url or DEFAULT_PG) as database_url:
-        offered = {"work_dir": work_dir, "database_url": database_url, "patients": QUICK_DISCOVERY_PATIENTS if quick else None}
+        offered = {"work_dir": work_dir, "database_url": database_url, "patients": QUICK_PATIENTS.get(section) if quick else None}
         return dict(fn(**{k: v for k, v in offered.items() if k in accepted and v is not None}))
 
 

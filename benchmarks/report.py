@@ -143,6 +143,31 @@ def _discovery_targets(section: dict[str, Any]) -> list[Target]:
     ]  # fmt: skip
 
 
+def _request_file_targets(section: dict[str, Any]) -> list[Target]:
+    """Issue 11's request file: one C-FIND per row and per study on the first pass, next to
+    nothing for an unchanged file, and only the new rows' and their studies' C-FINDs for an edit."""
+    f = section.get("figures") or {}
+    name = "Request file ({rows:,} rows), {what}"
+    if section.get("status") != "ok" or "first_cfinds" not in f:
+        return [Target("Request file (first pass; unchanged; 10 rows added)", "≤ rows + studies; ≤ 5 %; ≤ new rows + studies + 1",
+                       _why(section), None, None)]  # fmt: skip
+    rows, studies, added = f["rows"], f["studies"], f.get("added_rows", 0)
+    first, second = f["first_requests"], f["second_requests"]
+    share = second / first if first else None
+    return [
+        _ceiling(name.format(rows=rows, what="first pass: C-FINDs"), "≤ 1 C-FIND per row + 1 per study",
+                 f"{f['first_cfinds']:,} C-FINDs for {rows:,} rows and {studies:,} studies "
+                 f"({first - f['first_cfinds']} associations besides); {_num(f['first_seconds'], 1)} s",
+                 f["first_cfinds"], rows + studies),
+        _ceiling(name.format(rows=rows, what="unchanged second pass"), "≤ 5 % of the first pass's requests",
+                 f"{second:,} requests ({f['second_cfinds']} C-FIND: the date window) = "
+                 f"{_num(share * 100 if share is not None else None, 2)} %", share, 0.05),
+        _ceiling(f"Request file, {added} rows added: C-FINDs", "≤ 1 per new row + 1 per new study + 1 date window",
+                 f"{f['added_cfinds']:,} C-FINDs ({f['added_requests'] - f['added_cfinds']} associations besides)",
+                 f["added_cfinds"], 2 * added + 1),
+    ]  # fmt: skip
+
+
 def _scale_targets(section: dict[str, Any]) -> list[Target]:
     f = section.get("figures") or {}
     if section.get("status") != "ok":
@@ -172,6 +197,7 @@ def targets(results: dict[str, Any]) -> list[Target]:
     out += _archiving_targets(results.get("archiving") or {})
     out += _large_instance_targets(results.get("large_instance") or {})
     out += _discovery_targets(results.get("discovery") or {})
+    out += _request_file_targets(results.get("request_file") or {})
     out += _scale_targets(results.get("scale") or {})
     minutes = results.get("duration_s", 0) / 60
     out.append(_ceiling("make bench wall time", "≤ 15 min", f"{minutes:.1f} min" + (" (--quick)" if results.get("quick") else ""), minutes, 15.0))
@@ -291,6 +317,39 @@ def _large_instance_section(section: dict[str, Any], archiving: dict[str, Any]) 
     return lines
 
 
+_PASS_CAPTIONS = {
+    "first": "first (full): every row asked",
+    "second": "second, file unchanged (incremental)",
+    "added": "{added} rows added (incremental)",
+    "full": "forced full pass (weekly), file unchanged",
+}
+
+
+def _request_file_section(section: dict[str, Any]) -> list[str]:
+    """One line per pass of benchmarks/request_file.py: rows, what was asked, requests, seconds."""
+    f = section.get("figures") or {}
+    if section.get("status") != "ok" or "passes" not in f:
+        return _section_figures(section)
+    lines = [f"A {f['rows']:,}-row request file (one PatientID row per patient, IDs with leading zeros; 1 CT study of "
+             f"1 series each) against the bundled PACS on loopback, fresh state DB; each pass is `discover_requested` "
+             f"then the series step (discovery + series selection) in runs of 200 patients, as a sync runs them. "
+             f"Requests are counted by the PACS.", ""]  # fmt: skip
+    if section.get("note"):
+        lines += [section["note"], ""]
+    rows = []
+    for p in f["passes"]:
+        caption = _PASS_CAPTIONS.get(p["name"], p["name"]).format(added=f.get("added_rows", ""))
+        rows.append([caption, _num(p["rows"]), _num(p["rows_asked"]), _num(p["patients"]), _num(p["studies_asked"]),
+                     _num(p["associations"]), _num(p["cfinds"]), f"**{p['requests']:,}**", _num(p["resolve_seconds"], 2),
+                     _num(p["series_seconds"], 2), _num(p["seconds"], 2)])  # fmt: skip
+    lines += _table(["pass", "rows", "rows asked (STUDY C-FIND)", "patients", "studies asked (SERIES C-FIND)",
+                     "associations", "C-FINDs", "requests", "resolve s", "series s", "s"], rows)  # fmt: skip
+    lines += ["", "An incremental pass asks about new or edited rows only, plus one STUDY-level C-FIND of the date window "
+                  "(StudyDate from the last pass minus `discovery.recheck_days`); a full pass asks about every row again "
+                  "and asks series only of studies whose counts changed."]  # fmt: skip
+    return lines
+
+
 def _section_figures(section: dict[str, Any]) -> list[str]:
     status = section.get("status", "not run")
     if status != "ok":
@@ -366,6 +425,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "## 3. Discovery",
         "",
         *_section_figures(results.get("discovery") or {}),
+        "",
+        "## 3b. Request file",
+        "",
+        *_request_file_section(results.get("request_file") or {}),
         "",
         "## 4. Scale",
         "",

@@ -19,12 +19,14 @@ d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
 d2. one large instance (``benchmarks/large_instance.py``: 4,000 frames of 512x512, 2.1 GB,
    cached like the cohorts): peak RSS and throughput of archiving it (child process), and of a
    ``dicom-assets sync`` retrieving it from an Orthanc holding only it;
-e. discovery and scale, each in a child process (``benchmarks/external.py``);
+e. discovery, request file (a 1,000-row file: first, unchanged, 10 rows added, full pass) and
+   scale, each in a child process (``benchmarks/external.py``);
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
 
 ``--quick`` is a smoke run (a 3 MB cohort, default association counts only, discovery over 20
-patients, no scale): it proves the harness works, its figures mean nothing. A variant that fails or misses
-an instance is reported as such in the table and makes the exit status 1.
+patients, a 50-row request file, no scale): it proves the harness works, its figures mean
+nothing. A variant that fails or misses an instance is reported as such in the table and makes
+the exit status 1.
 """
 
 from __future__ import annotations
@@ -53,7 +55,9 @@ from dicom_assets.config import PacsSettings  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "scale")
+SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "request-file", "scale")
+#: Sections run by benchmarks/external.py: --skip name -> its name there (and key in results.json).
+EXTERNAL_SECTIONS = {"discovery": "discovery", "request-file": "request_file", "scale": "scale"}
 #: Association counts tried besides the default, to find the project's best setting.
 OTHER_ASSOCIATIONS = (1, 3, 4)
 
@@ -74,7 +78,8 @@ class Progress:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny cohort, default settings only, 20-patient discovery, no scale (smoke run)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny cohort, default settings only, 20-patient discovery, 50-row request file, no scale (smoke run)")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "benchmarks" / "results.md", help="the Markdown report (JSON and PNG go next to it)")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench-work", help="cohort cache and the run's scratch files (default: bench-work/)")
     parser.add_argument("--pg-admin-url", default=os.environ.get("DATABASE_URL") or DEFAULT_PG,
@@ -302,8 +307,8 @@ def run(args: argparse.Namespace) -> int:
     results["large_instance"] = (
         _not_run("--skip") if "large-instance" in args.skip else _large_instance(work_dir, run_dir, pg, args.quick, failures, log)
     )
-    for section in ("discovery", "scale"):
-        if section in args.skip:
+    for name, section in EXTERNAL_SECTIONS.items():
+        if name in args.skip:
             results[section] = _not_run("--skip")
         elif args.quick and section == "scale":
             results[section] = _not_run("--quick (full size only: a 1,000,000-series state DB)")

@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -148,6 +149,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending"
           + (f", {nothing_held} with every series skipped)" if nothing_held else ")"))
     print(f"pacs         {_budget(settings, store).rate().describe()}")
+    rows = store.request_rows()
+    if settings.selection.request_file is not None or rows:
+        counts = Counter(row.resolution for row in rows)
+        print(f"request rows {len(rows)} in the state DB (" + ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(counts.items()))
+              + f"); the answer per row: materialize request_report ({settings.paths.report_dir / 'request_report.csv'})")
     return 0
 
 

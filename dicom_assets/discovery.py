@@ -130,7 +130,7 @@ class PassPlan:
     reason: str
 
 
-def _dicom_date(day: date) -> str:
+def dicom_date(day: date) -> str:
     return f"{day.year:04d}{day.month:02d}{day.day:02d}"
 
 
@@ -243,7 +243,7 @@ def _study_record(ds: Dataset, uid: str, patient_id: str) -> StudyRecord:
     )
 
 
-def _record_studies(
+def record_studies(
     store: StateStore, answers: Iterable[tuple[str, Dataset]], stats: DiscoveryStats, where: str
 ) -> tuple[int, UpsertCounts]:
     """Upsert the studies answered for these (PatientID, identifier) pairs with their related
@@ -286,11 +286,11 @@ def discover_pass(
         stats.requests = session.requests
     keep = set(kept)
     ours = [(str(ds.get("PatientID", "")), ds) for ds in answers if str(ds.get("PatientID", "")) in keep]
-    stats.studies_found, upserted = _record_studies(store, ours, stats, "date window")
+    stats.studies_found, upserted = record_studies(store, ours, stats, "date window")
     stats.studies_inserted = upserted.inserted
     stats.patients_to_check = store.settle_patient_studies(kept, plan.full)
     stats.series_to_check = len(store.studies_to_query_for_series(kept))
-    store.record_discovery_pass(pacs, _dicom_date(today), plan.full)
+    store.record_discovery_pass(pacs, dicom_date(today), plan.full)
     stats.seconds = time.monotonic() - started
     return sorted(patient_key(pid) for pid in kept), stats
 
@@ -306,7 +306,7 @@ def discover_studies(client: PacsClient, store: StateStore, patient_ids: Sequenc
         for row in targets:
             answers.extend((row.patient_id, ds) for ds in session.find_studies(row.patient_id))
         stats.requests = session.requests
-    stats.found, upserted = _record_studies(store, answers, stats, "studies of a patient")
+    stats.found, upserted = record_studies(store, answers, stats, "studies of a patient")
     stats.kept = stats.found
     stats.inserted, stats.updated = upserted.inserted, upserted.updated
     store.mark_studies_discovered(targets)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Sequence
 from pydicom.dataset import Dataset
 
 from dicom_assets.config import DiscoverySettings
+from dicom_assets.discovery import DiscoveryStats, dicom_date, plan_pass, record_studies
 from dicom_assets.layout import UnsafeNameError, patient_key
 from dicom_assets.pacs.budget import pacs_key
 from dicom_assets.pacs.client import PacsClient, PacsSession, text
@@ -247,8 +248,6 @@ def resolve_row(session: PacsSession, row: StoredRequestRow, rule: Callable[[Dat
 
 def _record_answers(store: StateStore, answers: dict[str, RowAnswer], stats: RequestPassStats) -> None:
     """Store each row's answer, and the patients and studies of the found rows."""
-    from dicom_assets.discovery import DiscoveryStats, _record_studies  # one study upsert for both kinds of pass
-
     patients: dict[str, PatientRecord] = {}
     studies: list[tuple[str, Dataset]] = []
     for key, answer in answers.items():
@@ -262,7 +261,7 @@ def _record_answers(store: StateStore, answers: dict[str, RowAnswer], stats: Req
         setattr(stats, answer.resolution, getattr(stats, answer.resolution) + 1)
     stats.inserted = store.upsert_patients(patients.values()).inserted
     scratch = DiscoveryStats()
-    stats.studies_found, _ = _record_studies(store, studies, scratch, "request row")
+    stats.studies_found, _ = record_studies(store, studies, scratch, "request row")
     stats.skipped += scratch.skipped
 
 
@@ -287,8 +286,6 @@ def discover_requested(
 ) -> tuple[list[str], RequestPassStats]:
     """One request-file discovery pass (see the module doc). Returns the partition keys of every
     patient a found row of the file names (new or not), and the pass's figures."""
-    from dicom_assets.discovery import _dicom_date, plan_pass
-
     started = time.monotonic()
     today = today or date.today()
     s = client.settings
@@ -315,7 +312,7 @@ def discover_requested(
     _record_answers(store, answers, stats)
     if window:
         _apply_window(store, window, rule, rule_name, stats)
-    store.record_discovery_pass(mark, _dicom_date(today), plan.full)
+    store.record_discovery_pass(mark, dicom_date(today), plan.full)
     wanted = requested_patients(store)
     stats.kept = len(wanted)
     stats.seconds = time.monotonic() - started
@@ -338,8 +335,6 @@ def _apply_window(store: StateStore, window: Sequence[Dataset], rule: Callable[[
     (a changed study gets its series asked for again), and give PatientID rows the new studies
     that match them (an open window, an exam that arrived after the row was answered). Changes
     below older studies wait for the next full pass, which asks about every row again."""
-    from dicom_assets.discovery import DiscoveryStats, _record_studies
-
     requested = store.requested_study_rows()
     by_patient = _patient_rows(store)
     matched: dict[str, list[tuple[str, str]]] = {}
@@ -361,7 +356,7 @@ def _apply_window(store: StateStore, window: Sequence[Dataset], rule: Callable[[
         store.upsert_patients([_patient_record(studies[0], text(studies[0], "PatientID") or "")])
         refreshed += [(text(ds, "PatientID") or "", ds) for ds in studies]
     scratch = DiscoveryStats()
-    stats.window_studies, _ = _record_studies(store, refreshed, scratch, "date window")
+    stats.window_studies, _ = record_studies(store, refreshed, scratch, "date window")
     stats.rows_extended = len(extended)
     stats.skipped += scratch.skipped
 

@@ -36,6 +36,24 @@ def test_status_on_an_empty_state_db(tmp_path: Path) -> None:
     assert (tmp_path / "state.sqlite").exists()
 
 
+def test_status_counts_the_request_rows_by_answer(tmp_path: Path) -> None:
+    from dicom_assets.request_file import read_request_file
+    from dicom_assets.store import StateStore
+
+    (tmp_path / "cohort.csv").write_text("PatientID\n000123\nNOPE\n0042\n", encoding="utf-8")
+    config = offline_config(tmp_path / "c.yaml", "sqlite:///state.sqlite", selection={"request_file": "cohort.csv"})
+    store = StateStore(f"sqlite:///{tmp_path / 'state.sqlite'}")
+    store.create_schema()
+    store.sync_request_rows(read_request_file(tmp_path / "cohort.csv").rows)
+    first, nope, _ = store.request_rows()
+    store.record_row_resolution(first.row_key, "found", None, [("1.1", "000123")])
+    store.record_row_resolution(nope.row_key, "not_found", "no study", [])
+    store.dispose()
+    done = _run(["status"], tmp_path, env={"DICOM_ASSETS_CONFIG": str(config)})
+    assert done.returncode == 0, done.stderr
+    assert "request rows 3 in the state DB (1 found, 1 not found, 1 unresolved)" in done.stdout
+
+
 def test_retry_lists_given_up_series_then_makes_them_claimable(tmp_path: Path) -> None:
     from dicom_assets.store import PatientRecord, SeriesRecord, StateStore, StudyRecord
 
