@@ -174,3 +174,37 @@ def test_a_row_removed_from_the_file_keeps_what_was_downloaded(request_site: Req
     assert (site.root / "archives" / zip_name).is_file()
     (row,) = [r for r in site.store.request_rows(active_only=False) if r.accession_number == "ACC-1001"]
     assert not row.active and row.resolution == "found"  # kept, inactive: back in the file, it costs nothing
+
+
+@pytest.mark.parametrize("method", ["c-get", "c-move"])
+def test_the_bundled_pacs_answers_the_same_request(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The bundled PACS supports every query key a request file uses: same answers as Orthanc."""
+    from dicom_assets.devpacs import DevPacs
+    from dicom_assets.sync import run_sync
+
+    cohort = request_test_cohort(tmp_path / "cohort")
+    request = write_request(tmp_path / "cohort.csv", cohort)
+    receiver_port = free_port()
+    with DevPacs(tmp_path / "cohort", move_destinations={RECEIVER_AET: ("127.0.0.1", receiver_port)}) as pacs:
+        config = {
+            "pacs": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": pacs.ae_title, "calling_ae_title": RECEIVER_AET,
+                     "retrieve_method": method, "timeout_s": 10, "straggler_timeout_s": 1},
+            "receiver": {"ae_title": RECEIVER_AET, "bind_address": "127.0.0.1", "port": receiver_port},
+            "selection": {"request_file": request.name, "series": SERIES_FILTER},
+            "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
+            "archive": {"delimiter": DELIMITER},
+            "database": {"url": pg_url},
+        }  # fmt: skip
+        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+        monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+        report = run_sync(tmp_path / "config.yaml", log=lambda line: None, progress=False)
+    assert report.ok, report
+    with open(tmp_path / "reports" / "request_report.csv", newline="", encoding="utf-8-sig") as f:
+        statuses = {row["Subject"]: row["status"] for row in csv.DictReader(f)}
+    assert statuses == {
+        "S01": "complete", "S02": "complete", "S03": "complete", "S04": "ambiguous", "S05": "complete",
+        "S06": "not found", "S07": "not found", "S10": "complete",
+    }  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "archives").iterdir()) == sorted(
+        [archive_name("000123", DELIMITER, 3), archive_name("P-ACC", DELIMITER, 1), archive_name("P-UID", DELIMITER, 1)]
+    )
