@@ -13,16 +13,13 @@ It returns, and ``python -m benchmarks.discovery`` prints as JSON::
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.cohorts import cached_cohort
+from benchmarks.measure import section_main
 from dicom_assets.config import DiscoverySettings, settings_from_dict
 from dicom_assets.devpacs import CohortSpec, DevPacs
 from dicom_assets.discovery import discover_pass, discover_series, discover_studies
@@ -99,19 +96,7 @@ def benchmark_discovery(work_dir: Path, patients: int = 2000, database_url: str 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=2000)
-    parser.add_argument("--work-dir", type=Path, help="cohort cache and state DB (default: a temp dir)")
-    parser.add_argument("--database-url", help="an EMPTY state DB (default: SQLite in the work dir)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.work_dir is None:
-        with tempfile.TemporaryDirectory(prefix="bench-discovery-") as tmp:
-            result = benchmark_discovery(Path(tmp), args.patients, args.database_url)
-    else:
-        result = benchmark_discovery(args.work_dir, args.patients, args.database_url)
-    print(json.dumps(result))
-    return 0
+    return section_main(argv, (__doc__ or "").splitlines()[0], 2000, "bench-discovery-", benchmark_discovery)
 
 
 if __name__ == "__main__":

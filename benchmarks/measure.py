@@ -19,7 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import psutil
 
@@ -190,3 +190,26 @@ def environment(base: Mapping[str, str] | None = None, **changes: str | None) ->
         else:
             env[key] = value
     return env
+
+
+def section_main(argv: Sequence[str] | None, description: str, default_patients: int, prefix: str, benchmark: Callable[[Path, int, str | None], dict]) -> int:
+    """The command line of a section run on its own (``python -m benchmarks.<section>``): the
+    cohort size, a work directory (default: a temp dir) and an empty state DB; prints JSON."""
+    import argparse
+    import json
+    import logging
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--patients", type=int, default=default_patients)
+    parser.add_argument("--work-dir", type=Path, help="cohort cache and state DB (default: a temp dir)")
+    parser.add_argument("--database-url", help="an EMPTY state DB (default: SQLite in the work dir)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.work_dir is None:
+        with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+            result = benchmark(Path(tmp), args.patients, args.database_url)
+    else:
+        result = benchmark(args.work_dir, args.patients, args.database_url)
+    print(json.dumps(result))
+    return 0

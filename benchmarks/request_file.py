@@ -25,17 +25,15 @@ where ``passes`` holds one dict per pass (see :meth:`PassFigures.as_dict`).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from benchmarks.measure import section_main
 from dicom_assets.config import Settings, settings_from_dict
 from dicom_assets.devpacs import DevPacs
 from dicom_assets.devpacs.request_cohort import bulk_request_cohort, request_file_csv
@@ -218,19 +216,7 @@ def benchmark_request_file(work_dir: Path, patients: int = 1000, database_url: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("--patients", type=int, default=1000, help="rows of the first file (one patient each)")
-    parser.add_argument("--work-dir", type=Path, help="cohort cache and state DB (default: a temp dir)")
-    parser.add_argument("--database-url", help="an EMPTY state DB (default: SQLite in the work dir)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.work_dir is None:
-        with tempfile.TemporaryDirectory(prefix="bench-request-file-") as tmp:
-            result = benchmark_request_file(Path(tmp), args.patients, args.database_url)
-    else:
-        result = benchmark_request_file(args.work_dir, args.patients, args.database_url)
-    print(json.dumps(result))
-    return 0
+    return section_main(argv, (__doc__ or "").splitlines()[0], 1000, "bench-request-file-", benchmark_request_file)
 
 
 if __name__ == "__main__":

@@ -158,7 +158,9 @@ def plan_pass(
     return PassPlan(False, since, f"watermark {mark.watermark} - discovery.recheck_days={policy.recheck_days}")
 
 
-def _select(rule: Callable[[Dataset], Any], identifier: Dataset, stats: DiscoveryStats) -> bool:
+def rule_accepts(rule: Callable[[Dataset], Any], identifier: Dataset) -> bool | None:
+    """Whether the patient rule accepts this identifier's patient; None when the patient must be
+    skipped whatever the rule says (an unusable PatientID, or the rule raised: logged)."""
     pid = str(identifier.get("PatientID", ""))
     try:
         patient_key(pid)
@@ -167,8 +169,14 @@ def _select(rule: Callable[[Dataset], Any], identifier: Dataset, stats: Discover
         log.warning("skipping patient %r: %s", pid, exc)
     except Exception as exc:  # noqa: BLE001 - a user rule must never kill the run
         log.warning("selection rule raised on patient %r, skipping it: %r", pid, exc)
-    stats.skipped.append(pid)
-    return False
+    return None
+
+
+def _select(rule: Callable[[Dataset], Any], identifier: Dataset, stats: DiscoveryStats) -> bool:
+    accepted = rule_accepts(rule, identifier)
+    if accepted is None:
+        stats.skipped.append(str(identifier.get("PatientID", "")))
+    return bool(accepted)
 
 
 def _patient_counts(ds: Dataset) -> RelatedCounts:

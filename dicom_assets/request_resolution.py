@@ -40,8 +40,8 @@ from typing import Any, Callable, Sequence
 from pydicom.dataset import Dataset
 
 from dicom_assets.config import DiscoverySettings
-from dicom_assets.discovery import DiscoveryStats, dicom_date, plan_pass, record_studies
-from dicom_assets.layout import UnsafeNameError, patient_key
+from dicom_assets.discovery import DiscoveryStats, dicom_date, plan_pass, record_studies, rule_accepts
+from dicom_assets.layout import patient_key
 from dicom_assets.pacs.budget import pacs_key
 from dicom_assets.pacs.client import PacsClient, PacsSession, text
 from dicom_assets.request_file import RequestFile
@@ -220,7 +220,7 @@ def apply_rule(answer: RowAnswer, rule: Callable[[Dataset], Any], rule_name: str
     kept, refused = [], set()
     for ds in answer.studies:
         pid = text(ds, "PatientID") or ""
-        if _accepts(rule, ds, pid):
+        if rule_accepts(rule, ds):
             kept.append(ds)
         else:
             refused.add(pid)
@@ -228,17 +228,6 @@ def apply_rule(answer: RowAnswer, rule: Callable[[Dataset], Any], rule_name: str
         return RowAnswer("found", None, kept)
     names = ", ".join(repr(p) for p in sorted(refused))
     return RowAnswer("rejected", f"PatientID {names} not accepted by {rule_name}", answer.studies)
-
-
-def _accepts(rule: Callable[[Dataset], Any], ds: Dataset, pid: str) -> bool:
-    try:
-        patient_key(pid)
-        return bool(rule(ds))
-    except UnsafeNameError as exc:
-        log.warning("skipping patient %r: %s", pid, exc)
-    except Exception as exc:  # noqa: BLE001 - a user rule must never kill the run
-        log.warning("selection rule raised on patient %r, skipping it: %r", pid, exc)
-    return False
 
 
 def resolve_row(session: PacsSession, row: StoredRequestRow, rule: Callable[[Dataset], Any], rule_name: str) -> RowAnswer:
@@ -348,7 +337,7 @@ def _apply_window(store: StateStore, window: Sequence[Dataset], rule: Callable[[
             refreshed.append((pid, ds))
         for row in by_patient.get(pid, ()):
             known = {study for study, _ in matched.get(row.row_key, [])}
-            if uid not in known and _misses(row, ds) is None and _accepts(rule, ds, pid):
+            if uid not in known and _misses(row, ds) is None and rule_accepts(rule, ds):
                 extended.setdefault(row.row_key, []).append(ds)
     for key, studies in extended.items():
         pairs = matched.get(key, []) + [(text(ds, "StudyInstanceUID") or "", text(ds, "PatientID") or "") for ds in studies]

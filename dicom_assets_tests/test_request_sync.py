@@ -50,6 +50,22 @@ def write_request(path: Path, cohort: WrittenCohort, late: bool = False) -> Path
     return path
 
 
+def write_config(root: Path, pacs_port: int, pacs_ae: str, method: str, receiver_port: int, request: Path, pg_url: str) -> Path:
+    """The site's config: the request file as the selection, the series filter, PostgreSQL."""
+    config = {
+        "pacs": {"host": "127.0.0.1", "port": pacs_port, "called_ae_title": pacs_ae, "calling_ae_title": RECEIVER_AET,
+                 "retrieve_method": method, "timeout_s": 10, "straggler_timeout_s": 1},
+        "receiver": {"ae_title": RECEIVER_AET, "bind_address": "127.0.0.1", "port": receiver_port},
+        "selection": {"request_file": request.name, "series": SERIES_FILTER},
+        "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
+        "archive": {"delimiter": DELIMITER},
+        "database": {"url": pg_url},
+    }  # fmt: skip
+    path = root / "config.yaml"
+    path.write_text(yaml.safe_dump(config, allow_unicode=True))
+    return path
+
+
 class RequestSite:
     """Orthanc with the scenario, a config whose selection is a request file, the state DB."""
 
@@ -83,16 +99,7 @@ def request_site(tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch, r
     with running_orthanc(tmp_path, receiver_port, verbose=True, wait_on_stop=False) as orthanc:
         assert orthanc.load(tmp_path / "cohort") == cohort.instances
         request_path = write_request(tmp_path / f"cohort{suffix}", cohort)
-        config = {
-            "pacs": {"host": "127.0.0.1", "port": orthanc.dicom_port, "called_ae_title": ORTHANC_AET,
-                     "calling_ae_title": RECEIVER_AET, "retrieve_method": method, "timeout_s": 10, "straggler_timeout_s": 1},
-            "receiver": {"ae_title": RECEIVER_AET, "bind_address": "127.0.0.1", "port": receiver_port},
-            "selection": {"request_file": request_path.name, "series": SERIES_FILTER},
-            "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
-            "archive": {"delimiter": DELIMITER},
-            "database": {"url": pg_url},
-        }  # fmt: skip
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+        write_config(tmp_path, orthanc.dicom_port, ORTHANC_AET, method, receiver_port, request_path, pg_url)
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
         monkeypatch.setenv("DICOM_ASSETS_CONFIG", str(tmp_path / "config.yaml"))
         store = StateStore(pg_url)
@@ -186,16 +193,7 @@ def test_the_bundled_pacs_answers_the_same_request(tmp_path: Path, pg_url: str, 
     request = write_request(tmp_path / "cohort.csv", cohort)
     receiver_port = free_port()
     with DevPacs(tmp_path / "cohort", move_destinations={RECEIVER_AET: ("127.0.0.1", receiver_port)}) as pacs:
-        config = {
-            "pacs": {"host": "127.0.0.1", "port": pacs.port, "called_ae_title": pacs.ae_title, "calling_ae_title": RECEIVER_AET,
-                     "retrieve_method": method, "timeout_s": 10, "straggler_timeout_s": 1},
-            "receiver": {"ae_title": RECEIVER_AET, "bind_address": "127.0.0.1", "port": receiver_port},
-            "selection": {"request_file": request.name, "series": SERIES_FILTER},
-            "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
-            "archive": {"delimiter": DELIMITER},
-            "database": {"url": pg_url},
-        }  # fmt: skip
-        (tmp_path / "config.yaml").write_text(yaml.safe_dump(config, allow_unicode=True))
+        write_config(tmp_path, pacs.port, pacs.ae_title, method, receiver_port, request, pg_url)
         monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
         report = run_sync(tmp_path / "config.yaml", log=lambda line: None, progress=False)
     assert report.ok, report
