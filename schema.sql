@@ -229,3 +229,35 @@ BEGIN
     END IF;
 END;
 $$;
+
+-- De-identified copies for sharing (dicom_assets.deid, dicom_assets/deid/pipeline.py). The
+-- crosswalk: a patient's pseudonym and date shift, made from the deidentify.secret by HMAC and
+-- kept here so a collision (two patients, one pseudonym) is settled once and for ever, and so
+-- the honest broker can export it (dicom-assets crosswalk). It never leaves this DB otherwise.
+CREATE TABLE IF NOT EXISTS pseudonyms (
+    patient_id       TEXT PRIMARY KEY REFERENCES patients (patient_id) ON DELETE CASCADE,
+    pseudonym        TEXT NOT NULL UNIQUE,
+    date_shift_days  INTEGER NOT NULL,                -- added to every date of the patient (negative)
+    attempt          INTEGER NOT NULL DEFAULT 0,      -- > 0: earlier HMAC pseudonyms were taken
+    date_created     TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+-- One row per de-identified zip <pseudonym><delimiter><N>.zip, made from the patient's
+-- identifiable archive source_archive_id: a newer identifiable archive means a rebuild.
+CREATE TABLE IF NOT EXISTS deidentified_archives (
+    archive_id         BIGSERIAL PRIMARY KEY,
+    patient_id         TEXT NOT NULL REFERENCES patients (patient_id) ON DELETE CASCADE,
+    source_archive_id  BIGINT NOT NULL,
+    file_name          TEXT NOT NULL,
+    series_count       INTEGER NOT NULL,              -- series in the zip
+    excluded_series    INTEGER NOT NULL DEFAULT 0,    -- left out (burned-in text): series.deid_excluded_reason
+    instance_count     INTEGER NOT NULL,
+    bytes              BIGINT NOT NULL,
+    sha256             TEXT NOT NULL,
+    superseded_at      TIMESTAMPTZ,
+    removed_at         TIMESTAMPTZ,
+    published_to       TEXT,
+    published_at       TIMESTAMPTZ,
+    date_created       TIMESTAMPTZ NOT NULL DEFAULT now()
+);
+CREATE INDEX IF NOT EXISTS deidentified_archives_patient_idx ON deidentified_archives (patient_id, archive_id);
+ALTER TABLE series ADD COLUMN IF NOT EXISTS deid_excluded_reason TEXT;  -- why the series is not in the de-identified copy

@@ -21,6 +21,8 @@ d2. one large instance (``benchmarks/large_instance.py``: 4,000 frames of 512x51
    ``dicom-assets sync`` retrieving it from an Orthanc holding only it;
 e. discovery, request file (a 1,000-row file: first, unchanged, 10 rows added, full pass) and
    scale, each in a child process (``benchmarks/external.py``);
+e2. de-identification (``benchmarks/deidentify.py``): 300 CT instances of 0.5 MB through plain
+   pydicom read + write, dicognito and the project's Deidentifier, one core each, best of 5 rounds;
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
 
 ``--quick`` is a smoke run (a 3 MB cohort, default association counts only, discovery over 20
@@ -43,7 +45,7 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import dcmtk, external, machine, report  # noqa: E402
+from benchmarks import dcmtk, deidentify, external, machine, report  # noqa: E402
 from benchmarks.archiving import run_archiving  # noqa: E402
 from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
 from benchmarks.large_instance import run_large_instance  # noqa: E402
@@ -55,7 +57,7 @@ from dicom_assets.config import PacsSettings  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "request-file", "scale")
+SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "request-file", "scale", "deidentify")
 #: Sections run by benchmarks/external.py: --skip name -> its name there (and key in results.json).
 EXTERNAL_SECTIONS = {"discovery": "discovery", "request-file": "request_file", "scale": "scale"}
 #: Association counts tried besides the default, to find the project's best setting.
@@ -271,6 +273,19 @@ def _external(section: str, run_dir: Path, work_dir: Path, pg: str, quick: bool,
     return result.as_dict()
 
 
+def _deidentify(work_dir: Path, run_dir: Path, quick: bool, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """pydicom, dicognito and the project's Deidentifier on the same files, one core (benchmarks/deidentify.py)."""
+    try:
+        result = deidentify.run_deidentify(work_dir, run_dir / "deidentify", quick, log=log)
+    except Exception as exc:  # noqa: BLE001 - the other sections' figures stand without this one
+        traceback.print_exc()
+        result = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
+    failures.extend(deidentify.failures(result))
+    ratio = result.get("ratio_vs_dicognito")
+    log(f"deidentify: {result['status']}" + (f", {ratio:.2f}x dicognito" if ratio is not None else ", no ratio (a contender did not run)"))
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
     log = Progress()
     work_dir = args.work_dir.resolve()
@@ -314,6 +329,7 @@ def run(args: argparse.Namespace) -> int:
             results[section] = _not_run("--quick (full size only: a 1,000,000-series state DB)")
         else:
             results[section] = _external(section, run_dir, work_dir, pg, args.quick, failures, log)
+    results["deidentify"] = _not_run("--skip") if "deidentify" in args.skip else _deidentify(work_dir, run_dir, args.quick, failures, log)
     results["load_average"]["end"] = machine.load_average()
     results["duration_s"] = round(log.elapsed, 1)
     md, js, png = report.write_report(results, args.out)

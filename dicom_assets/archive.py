@@ -24,7 +24,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 from dicom_assets import layout, stopping
 from dicom_assets.store.records import ArchiveRecord, SeriesState
@@ -104,7 +104,9 @@ class ArchiveResult:
 
 
 @dataclass(frozen=True)
-class _Member:
+class ArchiveMember:
+    """One file of a zip: its name in the zip, where it is, its size."""
+
     arcname: str
     path: Path
     size: int
@@ -119,16 +121,16 @@ def _listed(items: Sequence[str]) -> str:
     return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
 
 
-def _scan_members(download_dir: Path, patient_id: str, series: Sequence[SeriesState]) -> list[_Member]:
+def _scan_members(download_dir: Path, patient_id: str, series: Sequence[SeriesState]) -> list[ArchiveMember]:
     """Every instance file of the patient's series, in series order then SOP UID order."""
     key = layout.patient_key(patient_id)
-    members: list[_Member] = []
+    members: list[ArchiveMember] = []
     for s in series:
         directory = layout.series_dir(download_dir, patient_id, s.study_instance_uid, s.series_instance_uid)
         on_disk = layout.instances_on_disk(directory)
         for sop in sorted(on_disk, key=_uid_sort_key):
             members.append(
-                _Member(
+                ArchiveMember(
                     arcname=f"{key}/{s.study_instance_uid}/{s.series_instance_uid}/{sop}.dcm",
                     path=layout.instance_file(directory, sop),
                     size=on_disk[sop],
@@ -137,7 +139,7 @@ def _scan_members(download_dir: Path, patient_id: str, series: Sequence[SeriesSt
     return members
 
 
-def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequence[_Member]) -> None:
+def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequence[ArchiveMember]) -> None:
     if not series:
         raise ArchiveNotReady(f"patient {patient_id!r} has no series")
     not_complete = [f"{s.series_instance_uid} ({s.download_status})" for s in series if s.download_status != "complete"]
@@ -161,7 +163,7 @@ def _check_ready(patient_id: str, series: Sequence[SeriesState], members: Sequen
         )
 
 
-def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -> str:
+def _write_zip(path: Path, members: Sequence[ArchiveMember], compression_level: int) -> str:
     """Write the members into a new zip at ``path`` (parallel deflate), fsync it; returns its
     SHA-256. Raises ArchiveWriteError naming ``path`` when it cannot be written (disk full ...)."""
     out = _NewFile(path)
@@ -173,7 +175,7 @@ def _write_zip(path: Path, members: Sequence[_Member], compression_level: int) -
     return sha256
 
 
-def _unless_stopped(members: Sequence[_Member]) -> Iterator[tuple[Path, str]]:
+def _unless_stopped(members: Sequence[ArchiveMember]) -> Iterator[tuple[Path, str]]:
     """The members to write; a stop request (SIGTERM) ends the zip between two members (the
     caller removes the temp file, the previous zip stays)."""
     for member in members:
@@ -275,7 +277,7 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _archive_path(archive_dir: Path, file_name: str) -> Path:
+def archive_path(archive_dir: Path, file_name: str) -> Path:
     """``archive_dir / file_name`` for a plain file name, checked to stay inside archive_dir."""
     if not file_name or file_name in (".", "..") or "/" in file_name or "\\" in file_name or "\x00" in file_name:
         raise layout.UnsafeNameError(f"{file_name!r} is not a plain archive file name")
@@ -304,7 +306,7 @@ def remove_superseded(
     removed: list[str] = []
     for record in store.superseded_archives(patient_id):
         if record.file_name != current_name:
-            path = _archive_path(archive_dir, record.file_name)
+            path = archive_path(archive_dir, record.file_name)
             try:
                 path.unlink()
                 removed.append(record.file_name)
@@ -322,12 +324,39 @@ def remove_superseded(
             )
         for name in strays:
             try:
-                _archive_path(archive_dir, name).unlink()
+                archive_path(archive_dir, name).unlink()
                 if name not in removed:
                     removed.append(name)
             except FileNotFoundError:
                 pass
     return tuple(removed)
+
+
+def write_verified_zip(
+    final: Path, members: Sequence[ArchiveMember], compression_level: int, expected: Callable[[], dict[str, int]] | None = None
+) -> tuple[int, str]:
+    """Write ``members`` into a hidden temp zip beside ``final``, verify it (every member read
+    back, CRC and size; exactly ``expected()``, default the members), rename it over ``final``
+    and fsync the directory; returns its size and SHA-256. On any failure the temp file is
+    removed and whatever ``final`` was stays (ArchiveWriteError, ArchiveVerificationError)."""
+    directory = final.parent
+    layout.remove_stale_temps(directory)  # zip-sized leftovers of killed archivers
+    temp = archive_path(directory, _temp_name(final.name))
+    try:
+        sha256 = _write_zip(temp, members, compression_level)
+        verify_archive(temp, expected() if expected else {m.arcname: m.size for m in members})
+        size = temp.stat().st_size
+        os.replace(temp, final)
+    except BaseException as exc:
+        temp.unlink(missing_ok=True)
+        if isinstance(exc, ArchiveWriteError):  # say which archive, and that nothing was replaced
+            raise ArchiveWriteError(
+                f"cannot write the archive {final}: {exc.strerror or exc}; nothing was replaced "
+                f"(the patient's previous archive, if any, is kept)", exc.errno, exc.strerror,
+            ) from exc  # fmt: skip
+        raise
+    _fsync_dir(directory)
+    return size, sha256
 
 
 def build_patient_archive(
@@ -361,7 +390,7 @@ def build_patient_archive(
     series_count = len(series)
     name = layout.archive_name(patient_id, delimiter, series_count)
     archive_dir.mkdir(parents=True, exist_ok=True)
-    final = _archive_path(archive_dir, name)
+    final = archive_path(archive_dir, name)
 
     latest = store.latest_archive(patient_id)
     if (
@@ -388,25 +417,11 @@ def build_patient_archive(
             removed_superseded=removed,
         )
 
-    layout.remove_stale_temps(archive_dir)  # zip-sized leftovers of killed archivers
-    temp = _archive_path(archive_dir, _temp_name(name))
-    try:
-        sha256 = _write_zip(temp, members, compression_level)
-        # What must be in the zip: the instance files on disk now (catches files that changed
-        # or appeared while the zip was written).
-        now_on_disk = {m.arcname: m.size for m in _scan_members(download_dir, patient_id, series)}
-        verify_archive(temp, now_on_disk)
-        size = temp.stat().st_size
-        os.replace(temp, final)
-    except BaseException as exc:
-        temp.unlink(missing_ok=True)
-        if isinstance(exc, ArchiveWriteError):  # say which archive, and that nothing was replaced
-            raise ArchiveWriteError(
-                f"cannot write the archive {final}: {exc.strerror or exc}; nothing was replaced "
-                f"(the patient's previous archive, if any, is kept)", exc.errno, exc.strerror,
-            ) from exc  # fmt: skip
-        raise
-    _fsync_dir(archive_dir)
+    # What must be in the zip: the instance files on disk after writing (catches files that
+    # changed or appeared while the zip was written).
+    size, sha256 = write_verified_zip(
+        final, members, compression_level, lambda: {m.arcname: m.size for m in _scan_members(download_dir, patient_id, series)}
+    )
 
     store.record_archive(
         ArchiveRecord(
@@ -439,7 +454,7 @@ def archive_problems(archive_dir: Path, record: ArchiveRecord) -> list[str]:
     The zip was verified member by member before it was renamed into place; an unchanged
     SHA-256 proves it is still that zip, at the cost of one sequential read.
     """
-    path = _archive_path(Path(archive_dir), record.file_name)
+    path = archive_path(Path(archive_dir), record.file_name)
     if not path.is_file():
         return [f"{record.file_name} is missing from {archive_dir}"]
     size = path.stat().st_size

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("--series", action="append", default=[], metavar="SERIES_UID", help="only this series (repeatable)")
     retry.add_argument("--dry-run", action="store_true", help="list what would be reset, change nothing")
 
+    crosswalk = sub.add_parser(
+        "crosswalk", help="export PatientID <-> pseudonym and date shift of the de-identified copies (honest broker only)",
+    )  # fmt: skip
+    crosswalk.add_argument("--config", help="config file (default: $DICOM_ASSETS_CONFIG)")
+    crosswalk.add_argument("--out", type=Path, required=True, help="CSV file to create (never overwritten; mode 0600)")
+
     pacs = sub.add_parser("pacs", help="the bundled development PACS").add_subparsers(dest="pacs_command", required=True)
     serve = pacs.add_parser("serve", help="serve a folder of DICOM files (C-ECHO, C-FIND, C-MOVE, C-GET)")
     serve.add_argument("--dir", type=Path, required=True)
@@ -165,6 +171,32 @@ def _budget(settings, store):  # type: ignore[no-untyped-def]
     return DatabaseBudget(store, key, p.max_requests_per_minute, adaptive=p.adaptive_rate, floor=p.rate_floor)
 
 
+def cmd_crosswalk(args: argparse.Namespace) -> int:
+    """Write the crosswalk CSV: the only way it leaves the state DB. A new file readable by its
+    owner only; an existing file is never overwritten (it may be another study's crosswalk)."""
+    import csv
+
+    from dicom_assets.config import load_settings
+    from dicom_assets.store import StateStore
+
+    settings = load_settings(args.config)
+    store = StateStore(settings.database.url)
+    store.create_schema()
+    rows = store.crosswalk()
+    try:
+        fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        print(f"dicom-assets crosswalk: {args.out} exists; choose a new file name (it is never overwritten)", file=sys.stderr)
+        return 1
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["patient_id", "pseudonym", "date_shift_days", "created_at"])
+        for row in rows:
+            writer.writerow([row.patient_id, row.pseudonym, row.date_shift_days, row.created_at.isoformat() if row.created_at else ""])
+    print(f"{len(rows)} patients written to {args.out} (mode 0600): keep it with the honest broker")
+    return 0
+
+
 def cmd_retry(args: argparse.Namespace) -> int:
     """List (and unless --dry-run, reset) the series a sync no longer claims by itself."""
     from dicom_assets.config import load_settings
@@ -245,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {
-        "sync": cmd_sync, "status": cmd_status, "retry": cmd_retry, "pacs": cmd_pacs, "demo": cmd_demo, "dev": cmd_dev,
+        "sync": cmd_sync, "status": cmd_status, "retry": cmd_retry, "crosswalk": cmd_crosswalk, "pacs": cmd_pacs,
+        "demo": cmd_demo, "dev": cmd_dev,
     }  # fmt: skip
     try:
         return handlers[args.command](args)

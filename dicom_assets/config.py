@@ -18,6 +18,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dicom_assets.config_deid import DeidentifySettings, check_secret_reference
 from dicom_assets.config_selection import SeriesFilterSettings
 
 CONFIG_ENV_VAR = "DICOM_ASSETS_CONFIG"
@@ -211,6 +212,7 @@ class PathSettings(_Section):
     download_dir: Path
     archive_dir: Path
     report_dir: Path
+    deidentified_dir: Path | None = None  # de-identified zips (required with a deidentify: section)
 
 
 class ArchiveSettings(_Section):
@@ -313,6 +315,7 @@ class PublishSettings(_Section):
     ssh_command: str = "ssh -o BatchMode=yes"  # remote shell for rsync_target; add -p PORT here
     ssh_key: Path | None = None  # private key for rsync_target (ssh -i); relative = to the config file
     heartbeat: str | None = None  # healthchecks.io-style URL pinged by published_archive
+    ship: Literal["identifiable", "deidentified", "both"] = "identifiable"  # which zips go to the second site
 
     @field_validator("rsync_target")
     @classmethod
@@ -357,6 +360,7 @@ class Settings(_Section):
     schedules: ScheduleSettings = ScheduleSettings()
     heartbeats: HeartbeatSettings = HeartbeatSettings()
     publish: PublishSettings = PublishSettings()
+    deidentify: DeidentifySettings | None = None
 
     @field_validator("receiver", "selection", "archive", "database", "discovery", "schedules", "heartbeats", "publish",
                      mode="before")
@@ -364,6 +368,14 @@ class Settings(_Section):
     def _empty_section_is_defaults(cls, value: Any) -> Any:
         """``publish:`` with every key commented out (as in config-sample.yaml) parses as None."""
         return {} if value is None else value
+
+    @model_validator(mode="after")
+    def _deidentified_dir(self) -> "Settings":
+        if self.deidentify is not None and self.paths.deidentified_dir is None:
+            raise ValueError("paths.deidentified_dir is required with a deidentify: section (where the de-identified zips go)")
+        if self.publish.ship != "identifiable" and self.deidentify is None:
+            raise ValueError(f"publish.ship: {self.publish.ship!r} needs a deidentify: section (there are no de-identified zips)")
+        return self
 
 
 def _substitute_env(value: Any, where: str) -> Any:
@@ -401,15 +413,18 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Pa
     """Validate a parsed configuration; relative paths are taken from ``base_dir``."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the file must contain a mapping of sections (pacs:, paths:, ...)")
+    problem = check_secret_reference(raw)
+    if problem:
+        raise ConfigError(f"invalid configuration in {source}:\n  deidentify.secret: {problem}")
     raw = _substitute_env(raw, "")
     try:
         settings = Settings.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, source)) from None
     if base_dir is not None:
-        for name in ("download_dir", "archive_dir", "report_dir"):
+        for name in ("download_dir", "archive_dir", "report_dir", "deidentified_dir"):
             path = getattr(settings.paths, name)
-            if not path.is_absolute():
+            if path is not None and not path.is_absolute():
                 setattr(settings.paths, name, (base_dir / path).resolve())
         if settings.publish.directory is not None and not settings.publish.directory.is_absolute():
             settings.publish.directory = (base_dir / settings.publish.directory).resolve()

@@ -6,6 +6,8 @@ from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.checks import archive_intact
 from dicom_assets.defs.archive.publish import published_archive
 from dicom_assets.defs.archive.sensors import patient_archive_outdated
+from dicom_assets.defs.deid.assets import deidentified_archive
+from dicom_assets.defs.deid.sensors import deidentified_archive_outdated
 from dicom_assets.defs.discovery.assets import patients, series, studies
 from dicom_assets.defs.discovery.schedules import discovery_schedule
 from dicom_assets.defs.discovery.sensors import new_patients
@@ -20,13 +22,13 @@ from dicom_assets.defs.resources import dicom_resource
 from dicom_assets.defs.retrieval.assets import downloaded_series
 from dicom_assets.defs.retrieval.schedules import retrieval_schedule
 
-ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, published_archive, validation_report, inventory, request_report]
+ALL_ASSETS = [patients, studies, series, downloaded_series, patient_archive, deidentified_archive, published_archive, validation_report, inventory, request_report]
 
 defs = dg.Definitions(
     assets=ALL_ASSETS,
     asset_checks=[instance_counts_match, archive_intact, inventory_complete],
     jobs=[discover_patients_job, patient_pipeline_job, write_inventory_job],
     schedules=[discovery_schedule, retrieval_schedule, inventory_schedule],
-    sensors=[new_patients, request_file_changed, patient_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
+    sensors=[new_patients, request_file_changed, patient_archive_outdated, deidentified_archive_outdated, heartbeat_start, heartbeat_success, heartbeat_fail],
     resources={"dicom": dicom_resource()},
 )

@@ -55,6 +55,7 @@ INVENTORY_COLUMNS: tuple[str, ...] = (
     "transcoded_instances",
     "lossy_transcoded_instances",
     "skip_reason",  # why a series is download_status 'skipped' (the series filter's rule); empty otherwise
+    "deid_excluded_reason",  # why the series is left out of the de-identified copy (burned-in text); empty otherwise
 )
 
 

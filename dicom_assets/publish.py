@@ -315,3 +315,28 @@ def publish_patient_archive(
     removed = destination.remove_superseded(patient_id, delimiter, record.file_name)
     store.mark_archive_published(record.archive_id, destination.name)
     return result(True, removed)
+
+
+def publish_deidentified_archive(
+    store: StateStore, deidentified_dir: Path, destination: Destination, patient_id: str, delimiter: str = "__seriesCount"
+) -> PublishResult | None:
+    """Publish the patient's latest de-identified zip (``publish.ship: deidentified|both``);
+    None when there is none yet or nothing was left to share. The copy at the destination is
+    named by the pseudonym only, and superseded copies are found by the pseudonym's pattern."""
+    started = time.monotonic()
+    record = store.latest_deidentified_archive(patient_id)
+    stored = store.pseudonym_of(patient_id)  # stored before the zip was made
+    if record is None or record.archive_id is None or not record.file_name or stored is None:
+        return None
+    pseudonym = stored.pseudonym
+
+    def result(copied: bool, removed: tuple[str, ...]) -> PublishResult:
+        return PublishResult(pseudonym, record.file_name, destination.name, record.bytes, time.monotonic() - started, copied, removed)
+
+    if record.published_to == destination.name and destination.holds(record.file_name, record.bytes):
+        return result(False, ())
+    source = layout.ensure_inside(Path(deidentified_dir), Path(deidentified_dir) / record.file_name)
+    destination.put(source, record.file_name, record.sha256)
+    removed = destination.remove_superseded(pseudonym, delimiter, record.file_name)
+    store.mark_deidentified_published(record.archive_id, destination.name)
+    return result(True, removed)

@@ -16,7 +16,7 @@ from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import small_cohort
 
-ASSET_KEYS = {"patients", "studies", "series", "downloaded_series", "patient_archive", "published_archive", "validation_report", "inventory", "request_report"}
+ASSET_KEYS = {"patients", "studies", "series", "downloaded_series", "patient_archive", "deidentified_archive", "published_archive", "validation_report", "inventory", "request_report"}
 
 
 def test_code_location_has_exactly_the_documented_assets() -> None:

@@ -51,7 +51,7 @@ def _seed(store: StateStore) -> StateStore:
 
 def test_query_columns_match_inventory_columns(store: StateStore) -> None:
     assert tuple(c.name for c in store.inventory_query().selected_columns) == INVENTORY_COLUMNS
-    assert len(INVENTORY_COLUMNS) == 33 and INVENTORY_COLUMNS[-1] == "skip_reason"
+    assert len(INVENTORY_COLUMNS) == 34 and INVENTORY_COLUMNS[-2:] == ("skip_reason", "deid_excluded_reason")
 
 
 def test_iter_inventory_chunks_and_order(seeded: StateStore) -> None:

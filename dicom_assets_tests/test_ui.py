@@ -58,8 +58,24 @@ def dagster_ui(tmp_path: Path):
         log.close()
 
 
+def _expand_groups(driver) -> None:  # noqa: ANN001 - a selenium WebDriver
+    """Click every collapsed asset group open (the graph re-renders under a click: try again)."""
+    from selenium.webdriver.common.by import By
+
+    for _ in range(12):
+        collapsed = driver.find_elements(By.CSS_SELECTOR, '[aria-label="unfold_more"]')
+        if not collapsed:
+            return
+        try:
+            collapsed[0].click()
+        except Exception:  # noqa: BLE001 - the graph re-renders under the click; try again
+            pass
+        time.sleep(1)
+
+
 def _show_whole_graph(driver) -> None:  # noqa: ANN001 - a selenium WebDriver
-    """Dismiss the welcome dialog, hide the sidebar, expand every asset group, let the UI re-fit."""
+    """Dismiss the welcome dialog, hide the sidebar, expand every asset group, let the UI re-fit;
+    zoom out (expanding again: Dagster may collapse groups of a large graph) until every asset shows."""
     from selenium.webdriver.common.by import By
 
     time.sleep(3)
@@ -67,20 +83,13 @@ def _show_whole_graph(driver) -> None:  # noqa: ANN001 - a selenium WebDriver
         button.click()
     for toggle in driver.find_elements(By.XPATH, "//input[@placeholder='Jump to…']/following::button[1]"):
         toggle.click()
-    for _ in range(10):
-        collapsed = driver.find_elements(By.CSS_SELECTOR, '[aria-label="unfold_more"]')
-        if not collapsed:
-            break
-        try:
-            collapsed[0].click()
-        except Exception:  # noqa: BLE001 - the graph re-renders under the click; try again
-            pass
-        time.sleep(1)
+    _expand_groups(driver)
     driver.refresh()  # the expanded state is kept; a fresh load zooms the graph to fit
     time.sleep(6)
-    for _ in range(6):  # the graph renders only what is in view: zoom out until every node is
+    for _ in range(8):  # the graph renders only what is in view: zoom out until every node is
         if all(f">{key}<" in driver.page_source for key in ASSET_KEYS):
             return
+        _expand_groups(driver)
         driver.find_element(By.CSS_SELECTOR, '[aria-label="zoom_out"]').click()
         time.sleep(1)
 
@@ -95,7 +104,7 @@ def test_asset_graph_shows_every_asset(dagster_ui: str) -> None:
     options.binary_location = CHROMIUM
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage", "--window-size=2000,1000"):
+                 "--disable-dev-shm-usage", "--window-size=3200,1400"):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:

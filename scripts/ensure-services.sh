@@ -8,6 +8,8 @@
 #   4242/8042, config /etc/orthanc) is stopped and its autostart disabled so it cannot interfere.
 # * GDCM's gdcmconv (libgdcm-tools): with DCMTK's codecs it writes the mixed-content test set
 #   (dicom_assets/devpacs/mixed.py), JPEG 2000 included.
+# * dicom3tools' dciodvfy (IOD checker): the de-identification tests compare its errors on an
+#   original and on its de-identified copy (dicom_assets_tests/iod_check.py).
 # * OpenSSH (sshd, ssh, ssh-keygen) and rsync for the publish-over-SSH tests, which start their
 #   own sshd on a free loopback port. When this script installs openssh-server, the system ssh
 #   service it brings (port 22 on every interface) is stopped and not started at boot.
@@ -50,6 +52,7 @@ missing=()
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
 command -v storescu >/dev/null || missing+=(dcmtk)
 command -v gdcmconv >/dev/null || missing+=(libgdcm-tools)  # JPEG 2000 for the mixed-content test set
+command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # IOD check of de-identified copies
 [ -x /usr/bin/chromium ] || missing+=(chromium)
 [ -x /usr/bin/chromedriver ] || missing+=(chromium-driver)
 installing_sshd=false

@@ -4,6 +4,7 @@ import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
 from dicom_assets.defs.archive.publish import published_archive
+from dicom_assets.defs.deid.assets import deidentified_archive
 from dicom_assets.defs.discovery.assets import patients, series, studies
 from dicom_assets.defs.reporting.assets import inventory, validation_report
 from dicom_assets.defs.retrieval.assets import downloaded_series
@@ -14,8 +15,10 @@ discover_patients_job = dg.define_asset_job(
 
 patient_pipeline_job = dg.define_asset_job(
     "patient_pipeline",
-    selection=dg.AssetSelection.assets(studies, series, downloaded_series, patient_archive, published_archive, validation_report),
-    description="Per patient: studies, series, retrieval, archive, validation (and its check)",
+    selection=dg.AssetSelection.assets(
+        studies, series, downloaded_series, patient_archive, deidentified_archive, published_archive, validation_report
+    ),
+    description="Per patient: studies, series, retrieval, archive, de-identified copy, validation (and its check)",
 )
 
 write_inventory_job = dg.define_asset_job(

@@ -93,6 +93,7 @@ class ReportQueries(ArchiveQueries):
                 se.transcoded_instances,
                 se.lossy_transcoded_instances,
                 se.skip_reason,
+                se.deid_excluded_reason,
             )
             .select_from(
                 t.series.join(t.studies, se.study_instance_uid == st.study_instance_uid)

@@ -13,7 +13,8 @@ The queries are grouped by concern, one module each, and StateStore combines the
 - :mod:`~dicom_assets.store.reporting`: status and patient counts, the inventory;
 - :mod:`~dicom_assets.store.selection`: series facts for the series filters, ``skipped`` marks;
 - :mod:`~dicom_assets.store.budget`: the PACS request budget;
-- :mod:`~dicom_assets.store.requests`: the request file's rows and what they resolved to.
+- :mod:`~dicom_assets.store.requests`: the request file's rows and what they resolved to;
+- :mod:`~dicom_assets.store.deid`: the crosswalk (pseudonyms) and the de-identified zips.
 
 Time: on PostgreSQL every "now" is the database clock (``now()``); on SQLite it is Python's UTC
 clock, stored as naive UTC text (the SQLAlchemy SQLite DateTime format), so string comparison is
@@ -31,6 +32,7 @@ from dicom_assets.store.archives import ArchiveQueries
 from dicom_assets.store.base import BATCH_ROWS, SCHEMA_SQL, SQLITE_BUSY_TIMEOUT_S, StoreBase
 from dicom_assets.store.budget import BudgetQueries
 from dicom_assets.store.claims import ClaimQueries
+from dicom_assets.store.deid import DeidQueries
 from dicom_assets.store.discovery import DiscoveryQueries
 from dicom_assets.store.instances import InstanceQueries, ReceivedSummary
 from dicom_assets.store.incremental import DiscoveryWatermark, IncrementalDiscoveryQueries, OutdatedRow, RelatedCounts
@@ -63,6 +65,7 @@ class StateStore(
     InstanceQueries,
     SeriesSelectionQueries,
     RequestQueries,
+    DeidQueries,
     StoreBase,
 ):
     """Thread-safe handle on the state DB (one SQLAlchemy engine; each method is one transaction)."""

@@ -129,6 +129,8 @@ series = sa.Table(
     # added later by ALTER TABLE in schema.sql (series filters and request files)
     sa.Column("skip_reason", sa.Text),
     sa.Column("sop_classes", sa.Text),
+    # added later by ALTER TABLE in schema.sql (de-identified copies)
+    sa.Column("deid_excluded_reason", sa.Text),
     sa.CheckConstraint(
         "download_status IN (" + ", ".join(f"'{s}'" for s in SERIES_STATUSES) + ")",
         name="series_download_status_check",
@@ -276,6 +278,36 @@ request_row_studies = sa.Table(
     sa.Column("study_instance_uid", sa.Text, primary_key=True),
     sa.Column("patient_id", sa.Text, nullable=False),
     sa.Index("request_row_studies_study_idx", "study_instance_uid"),
+)
+
+pseudonyms = sa.Table(
+    "pseudonyms",
+    metadata,
+    sa.Column("patient_id", sa.Text, sa.ForeignKey("patients.patient_id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("pseudonym", sa.Text, nullable=False, unique=True),
+    sa.Column("date_shift_days", sa.Integer, nullable=False),
+    sa.Column("attempt", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("date_created", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+)
+
+deidentified_archives = sa.Table(
+    "deidentified_archives",
+    metadata,
+    sa.Column("archive_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("patient_id", sa.Text, sa.ForeignKey("patients.patient_id", ondelete="CASCADE"), nullable=False),
+    sa.Column("source_archive_id", sa.BigInteger, nullable=False),
+    sa.Column("file_name", sa.Text, nullable=False),
+    sa.Column("series_count", sa.Integer, nullable=False),
+    sa.Column("excluded_series", sa.Integer, nullable=False, server_default=sa.text("0")),
+    sa.Column("instance_count", sa.Integer, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.Text, nullable=False),
+    sa.Column("superseded_at", sa.DateTime(timezone=True)),
+    sa.Column("removed_at", sa.DateTime(timezone=True)),
+    sa.Column("published_to", sa.Text),
+    sa.Column("published_at", sa.DateTime(timezone=True)),
+    sa.Column("date_created", sa.DateTime(timezone=True), nullable=False, server_default=db_now()),
+    sa.Index("deidentified_archives_patient_idx", "patient_id", "archive_id"),
 )
 
 TIMESTAMPED_TABLES: tuple[sa.Table, ...] = (patients, studies, series, archives, request_rows)

@@ -3,16 +3,18 @@
 import dagster as dg
 
 from dicom_assets.defs.archive.assets import patient_archive
+from dicom_assets.defs.deid.assets import deidentified_archive
 from dicom_assets.defs.partitions import per_patient_asset
 from dicom_assets.defs.resources import DicomAssetsResource
 from dicom_assets.heartbeat import ping
-from dicom_assets.publish import PublishError, destination_from_settings, publish_patient_archive
+from dicom_assets.publish import PublishError, destination_from_settings, publish_deidentified_archive, publish_patient_archive
 
 
-@per_patient_asset(group_name="archive", kinds={"zip"}, deps=[patient_archive])
+@per_patient_asset(group_name="archive", kinds={"zip"}, deps=[patient_archive, deidentified_archive])
 def published_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg.MaterializeResult:
     """Copy, verify (SHA-256) and rename each new zip at ``publish.directory`` or
-    ``publish.rsync_target``; inactive unless one is set."""
+    ``publish.rsync_target``; inactive unless one is set. ``publish.ship`` says which zips go:
+    the identifiable ones (default), the de-identified ones only, or both."""
     settings = dicom.settings()
     destination = destination_from_settings(settings.publish)
     if destination is None:
@@ -24,20 +26,29 @@ def published_archive(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
     copied = unchanged = size = removed = 0
     seconds = 0.0
     failures: list[str] = []
+    ship = settings.publish.ship
     for pid in dicom.patient_ids(context.partition_keys):
-        try:
-            result = publish_patient_archive(dicom.store(), settings.paths.archive_dir, destination, pid, settings.archive.delimiter)
-        except PublishError as exc:
-            failures.append(str(exc))
-            context.log.error(str(exc))
-            continue
-        if result is None:
-            continue
-        copied += result.copied
-        unchanged += not result.copied
-        size += result.bytes if result.copied else 0
-        seconds += result.seconds
-        removed += len(result.removed_superseded)
+        for kind in ("identifiable", "deidentified"):
+            if ship not in (kind, "both"):
+                continue
+            try:
+                if kind == "identifiable":
+                    result = publish_patient_archive(dicom.store(), settings.paths.archive_dir, destination, pid, settings.archive.delimiter)
+                else:
+                    result = publish_deidentified_archive(
+                        dicom.store(), settings.paths.deidentified_dir, destination, pid, settings.archive.delimiter
+                    )
+            except PublishError as exc:
+                failures.append(str(exc))
+                context.log.error(str(exc))
+                continue
+            if result is None:
+                continue
+            copied += result.copied
+            unchanged += not result.copied
+            size += result.bytes if result.copied else 0
+            seconds += result.seconds
+            removed += len(result.removed_superseded)
     if heartbeat:
         ping(heartbeat, "fail" if failures else "success", body=context.run_id)
     if failures:
