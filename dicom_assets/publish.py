@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 from dicom_assets import layout
 from dicom_assets.config import RSYNC_TARGET, PublishSettings
@@ -293,6 +293,22 @@ def destination_from_settings(publish: PublishSettings) -> Destination | None:
     return None
 
 
+def _publish(
+    destination: Destination, source_dir: Path, record: Any, key: str, delimiter: str, mark: Callable[[int, str], None]
+) -> tuple[bool, tuple[str, ...]]:
+    """Copy one recorded zip unless the destination already holds it; remove the superseded
+    copies named like ``key``'s zips; record the publication. Returns (copied, removed)."""
+    if record.published_to == destination.name and destination.holds(record.file_name, record.bytes):
+        return False, ()
+    source = layout.ensure_inside(Path(source_dir), Path(source_dir) / record.file_name)
+    destination.put(source, record.file_name, record.sha256)
+    # Superseded copies go before the record: if removing them fails, the next run publishes
+    # (an idempotent re-copy) and removes them again, rather than never looking back.
+    removed = destination.remove_superseded(key, delimiter, record.file_name)
+    mark(record.archive_id, destination.name)
+    return True, removed
+
+
 def publish_patient_archive(
     store: StateStore, archive_dir: Path, destination: Destination, patient_id: str, delimiter: str = "__seriesCount"
 ) -> PublishResult | None:
@@ -301,20 +317,8 @@ def publish_patient_archive(
     record = store.latest_archive(patient_id)
     if record is None or record.archive_id is None:
         return None
-
-    def result(copied: bool, removed: tuple[str, ...]) -> PublishResult:
-        seconds = time.monotonic() - started
-        return PublishResult(patient_id, record.file_name, destination.name, record.bytes, seconds, copied, removed)
-
-    if record.published_to == destination.name and destination.holds(record.file_name, record.bytes):
-        return result(False, ())
-    source = layout.ensure_inside(Path(archive_dir), Path(archive_dir) / record.file_name)
-    destination.put(source, record.file_name, record.sha256)
-    # Superseded copies go before the record: if removing them fails, the next run publishes
-    # (an idempotent re-copy) and removes them again, rather than never looking back.
-    removed = destination.remove_superseded(patient_id, delimiter, record.file_name)
-    store.mark_archive_published(record.archive_id, destination.name)
-    return result(True, removed)
+    copied, removed = _publish(destination, archive_dir, record, patient_id, delimiter, store.mark_archive_published)
+    return PublishResult(patient_id, record.file_name, destination.name, record.bytes, time.monotonic() - started, copied, removed)
 
 
 def publish_deidentified_archive(
@@ -328,15 +332,5 @@ def publish_deidentified_archive(
     stored = store.pseudonym_of(patient_id)  # stored before the zip was made
     if record is None or record.archive_id is None or not record.file_name or stored is None:
         return None
-    pseudonym = stored.pseudonym
-
-    def result(copied: bool, removed: tuple[str, ...]) -> PublishResult:
-        return PublishResult(pseudonym, record.file_name, destination.name, record.bytes, time.monotonic() - started, copied, removed)
-
-    if record.published_to == destination.name and destination.holds(record.file_name, record.bytes):
-        return result(False, ())
-    source = layout.ensure_inside(Path(deidentified_dir), Path(deidentified_dir) / record.file_name)
-    destination.put(source, record.file_name, record.sha256)
-    removed = destination.remove_superseded(pseudonym, delimiter, record.file_name)
-    store.mark_deidentified_published(record.archive_id, destination.name)
-    return result(True, removed)
+    copied, removed = _publish(destination, deidentified_dir, record, stored.pseudonym, delimiter, store.mark_deidentified_published)
+    return PublishResult(stored.pseudonym, record.file_name, destination.name, record.bytes, time.monotonic() - started, copied, removed)
