@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dicom_assets.config_deid import DeidentifySettings, check_secret_reference
+from dicom_assets.config_dicomweb import DicomwebSettings, check_dicomweb_secrets
 from dicom_assets.config_selection import SeriesFilterSettings
 
 CONFIG_ENV_VAR = "DICOM_ASSETS_CONFIG"
@@ -48,8 +49,11 @@ class PacsSettings(_Section):
     called_ae_title: str
     calling_ae_title: str = "DICOM_ASSETS"
     retrieve_method: Literal["c-move", "c-get"] = "c-move"
+    protocol: Literal["dimse", "dicomweb"] = "dimse"  # dicomweb: QIDO-RS/WADO-RS, see the dicomweb: section
     max_requests_per_minute: int = Field(700, ge=1)
-    max_concurrent_associations: int = Field(2, ge=1, le=32)
+    max_concurrent_associations: int = Field(  # DIMSE associations, or parallel DICOMweb requests
+        2, ge=1, le=32, validation_alias=AliasChoices("max_concurrent_associations", "max_concurrent_requests")
+    )
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
     max_attempts: int = Field(
@@ -66,6 +70,13 @@ class PacsSettings(_Section):
     )
 
     _ae = field_validator("called_ae_title", "calling_ae_title")(_check_ae_title)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_concurrency_key(cls, value: Any) -> Any:
+        if isinstance(value, dict) and {"max_concurrent_associations", "max_concurrent_requests"} <= value.keys():
+            raise ValueError("set max_concurrent_associations or max_concurrent_requests (the same limit), not both")
+        return value
 
     @field_validator("blackout")
     @classmethod
@@ -361,6 +372,7 @@ class Settings(_Section):
     heartbeats: HeartbeatSettings = HeartbeatSettings()
     publish: PublishSettings = PublishSettings()
     deidentify: DeidentifySettings | None = None
+    dicomweb: DicomwebSettings | None = None
 
     @field_validator("receiver", "selection", "archive", "database", "discovery", "schedules", "heartbeats", "publish",
                      mode="before")
@@ -375,6 +387,8 @@ class Settings(_Section):
             raise ValueError("paths.deidentified_dir is required with a deidentify: section (where the de-identified zips go)")
         if self.publish.ship != "identifiable" and self.deidentify is None:
             raise ValueError(f"publish.ship: {self.publish.ship!r} needs a deidentify: section (there are no de-identified zips)")
+        if self.pacs.protocol == "dicomweb" and self.dicomweb is None:
+            raise ValueError("pacs.protocol: dicomweb needs a dicomweb: section (at least dicomweb.url, the base URL)")
         return self
 
 
@@ -416,6 +430,8 @@ def settings_from_dict(raw: dict[str, Any], source: str = "<dict>", base_dir: Pa
     problem = check_secret_reference(raw)
     if problem:
         raise ConfigError(f"invalid configuration in {source}:\n  deidentify.secret: {problem}")
+    if web_problems := check_dicomweb_secrets(raw):
+        raise ConfigError(f"invalid configuration in {source}:\n" + "\n".join(f"  {k}: {m}" for k, m in web_problems))
     raw = _substitute_env(raw, "")
     try:
         settings = Settings.model_validate(raw)

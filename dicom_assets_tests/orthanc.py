@@ -7,11 +7,18 @@ goes to a log file that failure messages quote (:meth:`OrthancHandle.log_tail`).
 
 Orthanc not installed: the test is skipped, or fails under ``CI=true`` (``require_service``).
 ``scripts/ensure-services.sh`` installs it (``apt-get install orthanc dcmtk``).
+
+``dicomweb=True`` also loads Debian's DICOMweb plugin (package ``orthanc-dicomweb``, 1.7 on
+bookworm) with QIDO-RS/WADO-RS under :attr:`OrthancHandle.dicomweb_url`; a missing plugin skips
+the test like a missing Orthanc (fails it under CI). ``users={"name": "password"}`` turns on
+Orthanc's HTTP basic authentication (``RegisteredUsers``) for tests of 401 answers; the handle's
+own REST helpers then authenticate as the first user.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import shutil
@@ -32,6 +39,9 @@ from dicom_assets_tests.conftest import free_port, require_service
 ORTHANC_AET = "ORTHANC"
 RECEIVER_AET = "DICOM_ASSETS"
 DEFAULT_BINARY = "/usr/sbin/Orthanc"
+#: Where Debian's ``orthanc-dicomweb`` puts the plugin (a symlink to /usr/lib/orthanc/libOrthancDicomWeb.so.1.7).
+DEFAULT_DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+DICOMWEB_ROOT = "/dicom-web/"
 STARTUP_TIMEOUT_S = 30.0
 
 #: Never let an http(s)_proxy from the environment see requests meant for 127.0.0.1.
@@ -57,6 +67,37 @@ def require_orthanc() -> str:
     return binary
 
 
+def dicomweb_plugin() -> str | None:
+    """``$ORTHANC_DICOMWEB_PLUGIN`` when set (only it), else Debian's plugin path; None when absent."""
+    override = os.environ.get("ORTHANC_DICOMWEB_PLUGIN")
+    candidate = override or DEFAULT_DICOMWEB_PLUGIN
+    return candidate if os.path.isfile(candidate) else None
+
+
+def require_dicomweb_plugin() -> str:
+    """The DICOMweb plugin's path; skips the test without it (fails it under CI=true)."""
+    plugin = dicomweb_plugin()
+    require_service(plugin is not None, f"Orthanc's DICOMweb plugin (Debian package 'orthanc-dicomweb', "
+                                        f"{DEFAULT_DICOMWEB_PLUGIN}; see scripts/ensure-services.sh)")  # fmt: skip
+    assert plugin is not None
+    return plugin
+
+
+def dicomweb_config(plugin: str) -> dict[str, Any]:
+    """The keys that load the DICOMweb plugin: QIDO-RS/WADO-RS/STOW-RS under /dicom-web/, no WADO-URI."""
+    return {
+        "Plugins": [plugin],
+        "DicomWeb": {
+            "Enable": True,
+            "Root": DICOMWEB_ROOT,
+            "EnableWado": False,  # WADO-URI: not used
+            "Ssl": False,
+            "StudiesMetadata": "Full",
+            "SeriesMetadata": "Full",
+        },
+    }
+
+
 def orthanc_config(
     root: Path,
     dicom_port: int,
@@ -67,11 +108,15 @@ def orthanc_config(
     aet: str = ORTHANC_AET,
     *,
     modality_options: dict[str, Any] | None = None,
+    dicomweb_plugin_path: str | None = None,
+    users: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Orthanc's JSON configuration: loopback only, no auth, our receiver as the one modality.
 
     ``modality_options`` are added to (or replace keys of) our modality's entry, e.g.
     ``{"AllowTranscoding": True}`` for an Orthanc that transcodes on C-GET like its default.
+    ``dicomweb_plugin_path`` loads the DICOMweb plugin (:func:`dicomweb_config`); ``users``
+    enables HTTP basic authentication with these ``RegisteredUsers``.
     """
     config: dict[str, Any] = {
         "Name": f"dicom-assets-test-{dicom_port}",
@@ -130,13 +175,28 @@ def orthanc_config(
         "TcpNoDelay": True,
     }
     config["DicomModalities"]["dicom_assets"].update(modality_options or {})
+    if dicomweb_plugin_path:
+        config.update(dicomweb_config(dicomweb_plugin_path))
+    if users:
+        config["AuthenticationEnabled"] = True
+        config["RegisteredUsers"] = dict(users)
     return config
 
 
-def _http_json(method: str, url: str, body: bytes | None = None, content_type: str | None = None, timeout: float = 30.0) -> Any:
+def _http_json(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    content_type: str | None = None,
+    timeout: float = 30.0,
+    auth: tuple[str, str] | None = None,
+) -> Any:
     request = urllib.request.Request(url, data=body, method=method)
     if content_type:
         request.add_header("Content-Type", content_type)
+    if auth is not None:
+        token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     with _OPENER.open(request, timeout=timeout) as response:
         raw = response.read()
     return json.loads(raw) if raw else None
@@ -153,20 +213,30 @@ class OrthancHandle:
     config_file: Path
     log_file: Path
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    dicomweb: bool = False
+    #: (user, password) the REST helpers send when Orthanc was started with ``users``.
+    auth: tuple[str, str] | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.http_port}"
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL (``http://127.0.0.1:<http_port>/dicom-web``), for ``dicomweb.url``."""
+        if not self.dicomweb:
+            raise AssertionError("this Orthanc was started without dicomweb=True")
+        return self.base_url + DICOMWEB_ROOT.rstrip("/")
+
     def get(self, path: str) -> Any:
-        return _http_json("GET", self.base_url + path)
+        return _http_json("GET", self.base_url + path, auth=self.auth)
 
     def post(self, path: str, payload: Any) -> Any:
         body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return _http_json("POST", self.base_url + path, body, "application/json")
+        return _http_json("POST", self.base_url + path, body, "application/json", auth=self.auth)
 
     def delete(self, path: str) -> Any:
-        return _http_json("DELETE", self.base_url + path)
+        return _http_json("DELETE", self.base_url + path, auth=self.auth)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -178,7 +248,7 @@ class OrthancHandle:
             if path.name.startswith("."):
                 continue
             try:
-                answer = _http_json("POST", self.base_url + "/instances", path.read_bytes(), "application/dicom")
+                answer = _http_json("POST", self.base_url + "/instances", path.read_bytes(), "application/dicom", auth=self.auth)
             except urllib.error.HTTPError as exc:
                 raise AssertionError(f"Orthanc refused {path}: {exc} {exc.read()[:500]!r}\n{self.log_tail()}") from exc
             if answer.get("Status") not in ("Success", "AlreadyStored"):
@@ -253,22 +323,27 @@ def start_orthanc(
     verbose: bool = False,
     *,
     modality_options: dict[str, Any] | None = None,
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
 ) -> OrthancHandle:
     """Start Orthanc with a fresh config under ``root``; returns once its REST API answers
-    (``modality_options``: see :func:`orthanc_config`)."""
+    (and, with ``dicomweb``, once the plugin is loaded). ``modality_options``, ``users``: see
+    :func:`orthanc_config`."""
     binary = require_orthanc()
+    plugin = require_dicomweb_plugin() if dicomweb else None
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port = distinct_free_ports(2)
     config = orthanc_config(root, dicom_port, http_port, receiver_port, synchronous_move, receiver_ae_title,
-                            modality_options=modality_options)  # fmt: skip
+                            modality_options=modality_options, dicomweb_plugin_path=plugin, users=users)  # fmt: skip
     config_file = root / "orthanc.json"
     config_file.write_text(json.dumps(config, indent=2))
     log_file = root / "orthanc.log"
     args = [binary, *(["--verbose"] if verbose else []), str(config_file)]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root)
-    handle = OrthancHandle(dicom_port, http_port, ORTHANC_AET, root, config_file, log_file, process)
+    auth = next(iter(users.items())) if users else None
+    handle = OrthancHandle(dicom_port, http_port, ORTHANC_AET, root, config_file, log_file, process, dicomweb, auth)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     last_error: Exception | None = None
     while time.monotonic() < deadline:
@@ -276,13 +351,23 @@ def start_orthanc(
             pytest.fail(f"Orthanc exited with status {process.returncode} at startup\n{handle.log_tail()}")
         try:
             system = handle.get("/system")
-            if system and system.get("DicomAet") == ORTHANC_AET:
+            if system and system.get("DicomAet") == ORTHANC_AET and _plugin_ready(handle):
                 return handle
         except (urllib.error.URLError, OSError, ValueError) as exc:
             last_error = exc
         time.sleep(0.1)
     handle.stop()
     pytest.fail(f"Orthanc did not answer GET /system within {STARTUP_TIMEOUT_S:.0f} s ({last_error})\n{handle.log_tail()}")
+
+
+def _plugin_ready(handle: OrthancHandle) -> bool:
+    """True unless the DICOMweb plugin was asked for and Orthanc does not list it (yet)."""
+    if not handle.dicomweb:
+        return True
+    plugins = handle.get("/plugins") or []
+    if "dicom-web" in plugins:
+        return True
+    pytest.fail(f"Orthanc started without its DICOMweb plugin (loaded: {plugins})\n{handle.log_tail()}")
 
 
 @contextmanager
@@ -295,14 +380,18 @@ def running_orthanc(
     wait_on_stop: bool = True,
     *,
     modality_options: dict[str, Any] | None = None,
+    dicomweb: bool = False,
+    users: dict[str, str] | None = None,
 ) -> Iterator[OrthancHandle]:
     """An Orthanc for the duration of the block (under ``tmp_path/orthanc``), always stopped
     (``wait_on_stop=False``: SIGTERM now, wait at interpreter exit, see :meth:`OrthancHandle.stop`).
+    ``dicomweb=True`` loads the DICOMweb plugin (:attr:`OrthancHandle.dicomweb_url`); ``users``
+    turns on HTTP basic authentication.
 
     An exception escaping the block gets the tail of Orthanc's log attached as a note.
     """
     handle = start_orthanc(Path(tmp_path) / "orthanc", receiver_port, synchronous_move, receiver_ae_title, verbose,
-                           modality_options=modality_options)  # fmt: skip
+                           modality_options=modality_options, dicomweb=dicomweb, users=users)  # fmt: skip
     try:
         yield handle
     except BaseException as exc:

@@ -294,8 +294,9 @@ def test_series_facts_and_sop_classes(store: StateStore) -> None:
                  for rows in store.iter_inventory_rows() for row in rows]  # fmt: skip
     assert [r["skip_reason"] for r in inventory] == [None, None]
     store.apply_series_skips({"1.1": "dose"})
-    inventory = [row for rows in store.iter_inventory_rows() for row in rows]
-    assert inventory[0][-1] == "dose" and "skipped" in inventory[0]
+    inventory = [dict(zip([c.name for c in store.inventory_query().selected_columns], row))
+                 for rows in store.iter_inventory_rows() for row in rows]  # fmt: skip
+    assert (inventory[0]["skip_reason"], inventory[0]["download_status"]) == ("dose", "skipped")
 
 
 def test_an_old_sqlite_state_db_accepts_skipped(tmp_path: Path) -> None:

@@ -6,6 +6,8 @@
 # * Orthanc (/usr/sbin/Orthanc) and DCMTK, installed from Debian's packages when missing. The
 #   tests start their own throwaway Orthanc on free loopback ports; the Debian *service* (port
 #   4242/8042, config /etc/orthanc) is stopped and its autostart disabled so it cannot interfere.
+# * Orthanc's DICOMweb plugin (orthanc-dicomweb, /usr/share/orthanc/plugins/libOrthancDicomWeb.so):
+#   the QIDO-RS/WADO-RS tests load it into their own Orthanc (dicom_assets_tests/orthanc.py).
 # * GDCM's gdcmconv (libgdcm-tools): with DCMTK's codecs it writes the mixed-content test set
 #   (dicom_assets/devpacs/mixed.py), JPEG 2000 included.
 # * dicom3tools' dciodvfy (IOD checker): the de-identification tests compare its errors on an
@@ -14,7 +16,8 @@
 #   own sshd on a free loopback port. When this script installs openssh-server, the system ssh
 #   service it brings (port 22 on every interface) is stopped and not started at boot.
 # Without root (or sudo) nothing is installed; the script says what to run. Under CI=true a
-# missing Orthanc is an error (the Orthanc tests would fail), elsewhere a warning (they skip).
+# missing Orthanc (or DICOMweb plugin) is an error (the Orthanc tests would fail), elsewhere a
+# warning (they skip).
 set -euo pipefail
 
 say() { echo "ensure-services: $*" >&2; }
@@ -50,6 +53,7 @@ fi
 # --- Orthanc, DCMTK, Chromium for the UI test, OpenSSH and rsync for publishing ---------------------
 missing=()
 [ -x /usr/sbin/Orthanc ] || command -v Orthanc >/dev/null || missing+=(orthanc)
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)  # QIDO-RS/WADO-RS tests
 command -v storescu >/dev/null || missing+=(dcmtk)
 command -v gdcmconv >/dev/null || missing+=(libgdcm-tools)  # JPEG 2000 for the mixed-content test set
 command -v dciodvfy >/dev/null || missing+=(dicom3tools)  # IOD check of de-identified copies
