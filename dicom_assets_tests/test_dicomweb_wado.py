@@ -501,12 +501,14 @@ def test_large_multiframe_streams_with_flat_memory(server: LocalServer, tmp_path
     assert _same_file(source, tmp_path / "s" / f"{sop}.dcm")
     assert measured["rss_growth_kb"] < 30 * 1024
     assert measured["traced_peak"] < 8 * 2**20
-    # The measurement sees buffering: the same answer read whole grows by its size.
+    # The measurement sees buffering: the same answer read whole peaks at its size. (Only
+    # tracemalloc here: the RSS high-water mark of a child may already stand above it from
+    # start-up, so RSS growth can read 0 for the buffered control too.)
     control = MEASURE.replace("result = fetch_series(http, study, series, Path(out))", CONTROL)
     done = subprocess.run([sys.executable, "-c", control, server.url, STUDY, SERIES, str(tmp_path / "c")],
                           capture_output=True, text=True, timeout=240, env=env)  # fmt: skip
     buffered = json.loads(done.stdout.strip().splitlines()[-1])
-    assert buffered["rss_growth_kb"] > 80 * 1024 and buffered["traced_peak"] > 80 * 2**20, buffered
+    assert buffered["traced_peak"] > 80 * 2**20, buffered
 
 
 def _same_file(a: Path, b: Path) -> bool:
