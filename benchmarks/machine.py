@@ -13,7 +13,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from dicom_assets_tests.orthanc import orthanc_binary
+from dicom_assets_tests.orthanc import dicomweb_plugin, orthanc_binary
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -112,6 +112,8 @@ def versions(pg_server_url: str) -> dict[str, str]:
         "dagster": _package("dagster"),
         "isal": _package("isal"),
         "orthanc": _first_line([orthanc, "--version"], r"Orthanc\s+(\S+)") if orthanc else "absent",
+        "orthanc-dicomweb": _first_line(["dpkg-query", "-W", "-f=${Version}\n", "orthanc-dicomweb"], r"^(\d\S*)")
+        if dicomweb_plugin() else "absent",
         "dcmtk": _first_line(["storescp", "--version"], r"storescp\s+v(\S+)"),
         "zip": _first_line(["zip", "-v"], r"Zip\s+(\d+\.\d+\S*)"),
         "unzip": _first_line(["unzip", "-v"], r"UnZip\s+(\d+\.\d+\S*)"),

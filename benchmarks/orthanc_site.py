@@ -3,7 +3,9 @@
 Built on the test suite's Orthanc helper (``dicom_assets_tests/orthanc.py``: configuration,
 REST, log, stop), with more than one modality: the project (``DICOM_ASSETS``: C-FIND/C-MOVE/
 C-GET caller and C-MOVE destination) and DCMTK (``DCMTK``: ``movescu``/``getscu`` caller and the
-``storescp`` destination), each at its own receiver port on 127.0.0.1.
+``storescp`` destination), each at its own receiver port on 127.0.0.1. With ``dicomweb=True``
+the same Orthanc also loads Debian's DICOMweb plugin (``orthanc-dicomweb``), so the same cohort
+is served over WADO-RS (:attr:`Site.dicomweb_url`) as over DIMSE.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dicom_assets_tests.orthanc import ORTHANC_AET, OrthancHandle, distinct_free_ports, orthanc_binary, orthanc_config
+from dicom_assets_tests.orthanc import (
+    DEFAULT_DICOMWEB_PLUGIN,
+    ORTHANC_AET,
+    OrthancHandle,
+    dicomweb_plugin,
+    distinct_free_ports,
+    orthanc_binary,
+    orthanc_config,
+)
 
 PROJECT_AET = "DICOM_ASSETS"
 DCMTK_AET = "DCMTK"
@@ -39,6 +49,13 @@ class Site:
     def dicom_port(self) -> int:
         return self.orthanc.dicom_port
 
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb base URL of the same Orthanc (``dicomweb.url``); an error when the plugin is not loaded."""
+        if not self.orthanc.dicomweb:
+            raise RuntimeError(f"Orthanc was started without its DICOMweb plugin (package orthanc-dicomweb, {DEFAULT_DICOMWEB_PLUGIN})")
+        return self.orthanc.dicomweb_url
+
 
 def _modality(aet: str, port: int) -> dict[str, object]:
     return {
@@ -47,14 +64,18 @@ def _modality(aet: str, port: int) -> dict[str, object]:
     }  # fmt: skip
 
 
-def start_site(root: Path) -> Site:
-    """Start Orthanc under ``root`` (storage, index, config, log); returns once REST answers."""
+def start_site(root: Path, dicomweb: bool = False) -> Site:
+    """Start Orthanc under ``root`` (storage, index, config, log); returns once REST answers.
+
+    ``dicomweb``: also load the DICOMweb plugin when it is installed (without it, the site has
+    no :attr:`Site.dicomweb_url` and only a WADO-RS variant fails, saying why)."""
     binary = orthanc_binary()
     if binary is None:
         raise RuntimeError("Orthanc is not installed (apt-get install orthanc; see scripts/ensure-services.sh)")
     root.mkdir(parents=True, exist_ok=True)
     dicom_port, http_port, project_port, dcmtk_port = distinct_free_ports(4)
-    config = orthanc_config(root, dicom_port, http_port, project_port, receiver_ae_title=PROJECT_AET)
+    plugin = dicomweb_plugin() if dicomweb else None
+    config = orthanc_config(root, dicom_port, http_port, project_port, receiver_ae_title=PROJECT_AET, dicomweb_plugin_path=plugin)
     config["DicomModalities"] = {"dicom_assets": _modality(PROJECT_AET, project_port), "dcmtk": _modality(DCMTK_AET, dcmtk_port)}
     config["JobsHistorySize"] = 10
     config_file = root / "orthanc.json"
@@ -62,13 +83,16 @@ def start_site(root: Path) -> Site:
     log_file = root / "orthanc.log"
     with open(log_file, "wb") as log:
         process = subprocess.Popen([binary, str(config_file)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=root)
-    handle = OrthancHandle(dicom_port, http_port, ORTHANC_AET, root, config_file, log_file, process)
+    handle = OrthancHandle(dicom_port, http_port, ORTHANC_AET, root, config_file, log_file, process, dicomweb=plugin is not None)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"Orthanc exited with status {process.returncode} at startup\n{handle.log_tail()}")
         try:
             if handle.get("/system").get("DicomAet") == ORTHANC_AET:
+                if plugin and "dicom-web" not in (handle.get("/plugins") or []):
+                    handle.stop()
+                    raise RuntimeError(f"Orthanc did not load its DICOMweb plugin {plugin}\n{handle.log_tail()}")
                 return Site(handle, project_port, dcmtk_port)
         except (urllib.error.URLError, OSError, ValueError):
             time.sleep(0.1)

@@ -7,7 +7,8 @@ whole pass (discovery, retrieval, archive, validation, inventory); the retrieval
 ones the ``downloaded_series`` asset records (seconds, bytes, instances), which ``--json-summary``
 writes out. The CPU of the retrieval phase alone is read off the child's sampled CPU times
 between the start and the end of retrieval (end = the newest instance file's mtime, start = end
-minus the recorded retrieval seconds).
+minus the recorded retrieval seconds). ``wado-rs`` is the same sync with ``pacs.protocol:
+dicomweb`` against the same Orthanc's DICOMweb plugin (no storage SCP, no receiver section).
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ SYNC_TIMEOUT_S = 1200.0
 
 @dataclass(frozen=True)
 class ProjectVariant:
-    """One way to run the project: retrieve method and number of concurrent associations."""
+    """One way to run the project: retrieve method and number of concurrent associations
+    (for ``wado-rs``: concurrent WADO-RS requests, the same config key)."""
 
-    method: str  # "c-move" | "c-get"
+    method: str  # "c-move" | "c-get" | "wado-rs"
     associations: int
     default: bool  # the config's default number of associations
 
     @property
     def label(self) -> str:
-        return f"dicom-assets sync {self.method}, {self.associations} assoc{' (default)' if self.default else ''}"
+        unit = "requests" if self.method == "wado-rs" else "assoc"
+        return f"dicom-assets sync {self.method}, {self.associations} {unit}{' (default)' if self.default else ''}"
 
 
 @dataclass(frozen=True)
@@ -74,20 +77,28 @@ def scratch_database(server_url: str) -> Iterator[str]:
 
 
 def write_config(directory: Path, site: Site, variant: ProjectVariant, database_url: str, patient_id_regex: str) -> Path:
-    """The sync's config: Orthanc on loopback, our receiver on its registered port, defaults elsewhere."""
+    """The sync's config: Orthanc on loopback, our receiver on its registered port (DIMSE) or
+    Orthanc's DICOMweb root (``wado-rs``), defaults elsewhere."""
     pacs: dict[str, object] = {
         "host": "127.0.0.1", "port": site.dicom_port, "called_ae_title": ORTHANC_AET, "calling_ae_title": PROJECT_AET,
-        "retrieve_method": variant.method,
     }  # fmt: skip
+    web = variant.method == "wado-rs"
+    if web:
+        pacs["protocol"] = "dicomweb"
+    else:
+        pacs["retrieve_method"] = variant.method
     if not variant.default:
         pacs["max_concurrent_associations"] = variant.associations
-    config = {
-        "pacs": pacs,
-        "receiver": {"ae_title": PROJECT_AET, "bind_address": "127.0.0.1", "port": site.project_receiver_port},
+    config: dict[str, object] = {"pacs": pacs}
+    if web:
+        config["dicomweb"] = {"url": site.dicomweb_url}
+    else:
+        config["receiver"] = {"ae_title": PROJECT_AET, "bind_address": "127.0.0.1", "port": site.project_receiver_port}
+    config.update({
         "selection": {"patient_id_regex": patient_id_regex},
         "paths": {"download_dir": "downloads", "archive_dir": "archives", "report_dir": "reports"},
         "database": {"url": database_url},
-    }
+    })  # fmt: skip
     path = directory / "config.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -20,8 +20,8 @@ class RetrievalRow:
     key: str
     label: str
     tool: str  # "dicom-assets" | "dcmtk"
-    method: str  # "c-move" | "c-get"
-    associations: str
+    method: str  # "c-move" | "c-get" | "wado-rs"
+    associations: str  # wado-rs: concurrent requests
     expected_instances: int
     status: str = "ok"
     reason: str = ""

@@ -8,11 +8,12 @@ Steps (progress lines on stdout as it goes):
 a. the cohort: 8 patients x 2 series x 130 slices of 512x512 16-bit CT (1.09 GB) for retrieval,
    plus one 352 MB patient for archiving, generated once into ``<work-dir>/cohort-<spec digest>``;
 b. a throwaway Orthanc on free loopback ports that knows the project's and DCMTK's AE titles,
-   loaded with the cohort over REST (timed);
+   with its DICOMweb plugin (WADO-RS from the same storage), loaded with the cohort over REST (timed);
 c. retrieval variants, each into an empty directory, checked file by file count: DCMTK
    ``movescu``+``storescp`` and ``getscu`` with ``TCP_NODELAY=1`` (the reference), the project's
-   ``dicom-assets sync`` with C-MOVE and C-GET at the default and at other association counts
-   (fresh PostgreSQL state DB each), then DCMTK again with Nagle on (its default);
+   ``dicom-assets sync`` with C-MOVE, C-GET and WADO-RS (``pacs.protocol: dicomweb``) at the
+   default and at other association (request) counts (fresh PostgreSQL state DB each), then DCMTK
+   again with Nagle on (its default);
    then the one-association C-MOVE sync once more under py-spy (``benchmarks/profile.py``: where
    its time goes, the profile behind the one-association target);
 d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
@@ -62,6 +63,8 @@ SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "request-fi
 EXTERNAL_SECTIONS = {"discovery": "discovery", "request-file": "request_file", "scale": "scale"}
 #: Association counts tried besides the default, to find the project's best setting.
 OTHER_ASSOCIATIONS = (1, 3, 4)
+#: The project's retrieve methods: DIMSE C-MOVE and C-GET, and WADO-RS (pacs.protocol: dicomweb).
+PROJECT_METHODS = ("c-move", "c-get", "wado-rs")
 
 
 class Progress:
@@ -94,10 +97,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def project_variants(quick: bool) -> list[ProjectVariant]:
-    """C-MOVE and C-GET at the config's default association count, and (full run) at others."""
+    """C-MOVE, C-GET and WADO-RS at the config's default association (request) count, and (full run) at others."""
     default = int(PacsSettings.model_fields["max_concurrent_associations"].default)
     counts = [default] if quick else [default, *(n for n in OTHER_ASSOCIATIONS if n != default)]
-    return [ProjectVariant(method, n, n == default) for method in ("c-move", "c-get") for n in counts]
+    return [ProjectVariant(method, n, n == default) for method in PROJECT_METHODS for n in counts]
 
 
 def _attempt(row: RetrievalRow, measure: Callable[[], RetrievalRow], failures: list[str], log: Callable[[str], None]) -> RetrievalRow:
@@ -166,7 +169,7 @@ def run_retrieval(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, 
     again = first if quick else [_dcmtk_variant(site, cohort, base, m, True, failures, log) for m in ("c-move", "c-get")]
     rows = [max(a, b, key=lambda r: (r.complete, r.mb_per_s)) for a, b in zip(first, again)] + ours
     rows += [_dcmtk_variant(site, cohort, base, m, False, failures, log) for m in ("c-move", "c-get")]
-    for method in ("c-move", "c-get"):
+    for method in PROJECT_METHODS:
         ours = [r for r in rows if r.tool == "dicom-assets" and r.method == method and r.complete]
         if ours:
             max(ours, key=lambda r: r.mb_per_s).best = True
@@ -204,8 +207,9 @@ def _prepare_cohorts(work_dir: Path, quick: bool, log: Callable[[str], None]) ->
 
 
 def _load_site(run_dir: Path, cohort: Cohort, results: dict[str, Any], log: Callable[[str], None]) -> Site:
-    site = start_site(run_dir / "orthanc")
-    log(f"Orthanc on 127.0.0.1:{site.dicom_port} (HTTP {site.orthanc.http_port}); loading {cohort.instances} instances over REST")
+    site = start_site(run_dir / "orthanc", dicomweb=True)
+    web = f", DICOMweb {site.dicomweb_url}" if site.orthanc.dicomweb else ", no DICOMweb plugin"
+    log(f"Orthanc on 127.0.0.1:{site.dicom_port} (HTTP {site.orthanc.http_port}{web}); loading {cohort.instances} instances over REST")
     started = time.monotonic()
     loaded = load_directory(site, cohort.dicom_dir)
     seconds = time.monotonic() - started

@@ -167,7 +167,7 @@ def _budget(settings, store):  # type: ignore[no-untyped-def]
     from dicom_assets.pacs.budget import DatabaseBudget, pacs_key
 
     p = settings.pacs
-    key = pacs_key(p.host, p.port, p.called_ae_title)
+    key = settings.dicomweb.budget_key() if p.protocol == "dicomweb" and settings.dicomweb else pacs_key(p.host, p.port, p.called_ae_title)
     return DatabaseBudget(store, key, p.max_requests_per_minute, adaptive=p.adaptive_rate, floor=p.rate_floor)
 
 
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs"):
+    for noisy in ("pynetdicom", "alembic", "dicom_assets.devpacs", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     handlers = {
         "sync": cmd_sync, "status": cmd_status, "retry": cmd_retry, "crosswalk": cmd_crosswalk, "pacs": cmd_pacs,

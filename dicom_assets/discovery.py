@@ -45,7 +45,7 @@ from pydicom.dataset import Dataset
 
 from dicom_assets.config import DiscoverySettings
 from dicom_assets.layout import UnsafeNameError, check_uid, patient_key
-from dicom_assets.pacs.budget import pacs_key
+from dicom_assets.pacs.budget import server_key
 from dicom_assets.pacs.client import PacsClient, PacsSession, integer, text
 from dicom_assets.store import PatientRecord, SeriesRecord, StateStore, StudyRecord, UpsertCounts
 from dicom_assets.store.state import RelatedCounts
@@ -281,8 +281,7 @@ def discover_pass(
     doc); moves the PACS's watermark. Returns the kept patients' partition keys and figures."""
     started = time.monotonic()
     today = today or date.today()
-    s = client.settings
-    pacs = pacs_key(s.host, s.port, s.called_ae_title)
+    pacs = server_key(client)
     plan = plan_pass(store, pacs, policy, force_full, today)
     log.info("%s discovery pass (%s)", "full" if plan.full else f"incremental from {plan.since}", plan.reason)
     stats = PassStats(full_pass=plan.full)

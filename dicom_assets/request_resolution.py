@@ -42,7 +42,7 @@ from pydicom.dataset import Dataset
 from dicom_assets.config import DiscoverySettings
 from dicom_assets.discovery import DiscoveryStats, dicom_date, plan_pass, record_studies, rule_accepts
 from dicom_assets.layout import patient_key
-from dicom_assets.pacs.budget import pacs_key
+from dicom_assets.pacs.budget import server_key
 from dicom_assets.pacs.client import PacsClient, PacsSession, text
 from dicom_assets.request_file import RequestFile
 from dicom_assets.store import PatientRecord, StateStore
@@ -277,8 +277,7 @@ def discover_requested(
     patient a found row of the file names (new or not), and the pass's figures."""
     started = time.monotonic()
     today = today or date.today()
-    s = client.settings
-    mark = pacs_key(s.host, s.port, s.called_ae_title) + REQUEST_WATERMARK_SUFFIX
+    mark = server_key(client) + REQUEST_WATERMARK_SUFFIX
     plan = plan_pass(store, mark, policy, force_full, today)
     stats = RequestPassStats(full_pass=plan.full, rows=len(request.rows))
     synced = store.sync_request_rows(request.rows)

@@ -42,6 +42,8 @@ from typing import Callable, Sequence
 
 from dicom_assets import stopping
 from dicom_assets.config import Settings
+from dicom_assets.dicomweb.http import DicomwebAuthError
+from dicom_assets.dicomweb.retrieve import WadoSeriesRetriever
 from dicom_assets.layout import pid_alive
 from dicom_assets.pacs.client import PacsClient, PacsSession
 from dicom_assets.pacs.errors import MoveDestinationUnknown, PacsUnreachable
@@ -196,16 +198,21 @@ def retrieve_patients(
     stop = threading.Event()  # one worker hit a fatal error: the others claim nothing more
     claims = RunClaims(store, patient_ids, max_attempts)
     receiver: StorageReceiver | None = None
-    if settings.pacs.retrieve_method == "c-move":
+    dicomweb = settings.pacs.protocol == "dicomweb"  # WADO-RS writes the files itself: no storage SCP
+    if settings.pacs.retrieve_method == "c-move" and not dicomweb:
         receiver = StorageReceiver.from_settings(settings).start()
     faults_before = client.outage.faults
 
     def work() -> None:
         me = worker_name()
-        sink = receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
+        sink = None if dicomweb else receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
         try:
             with client.session(sink=None if receiver else sink) as session:
-                retriever = SeriesRetriever(settings, client, sink, session)
+                retriever: SeriesRetriever | WadoSeriesRetriever
+                if dicomweb:
+                    retriever = WadoSeriesRetriever(settings, client, session)  # type: ignore[arg-type]
+                else:
+                    retriever = SeriesRetriever(settings, client, sink, session)  # type: ignore[arg-type]
                 try:
                     while not stop.is_set():
                         stopping.PROCESS.check()
@@ -294,8 +301,9 @@ def _settle(
             if again is None:  # another worker or run has it now
                 return dataclasses.replace(outcome, bytes_received=received, new_instances=new, seconds=spent)
             current = again
-    except (stopping.Stopped, PacsUnreachable) as exc:
-        why = "stopped" if isinstance(exc, stopping.Stopped) else "the PACS made no progress"
+    except (stopping.Stopped, PacsUnreachable, DicomwebAuthError) as exc:
+        why = "stopped" if isinstance(exc, stopping.Stopped) else "the PACS refused our credentials" \
+            if isinstance(exc, DicomwebAuthError) else "the PACS made no progress"  # fmt: skip
         if store.release_claim(series.series_instance_uid, worker, f"{why} during its retrieval; resumes next run"):
             log.info("series %s released untouched (%s)", series.series_instance_uid, why)
         raise

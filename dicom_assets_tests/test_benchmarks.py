@@ -23,7 +23,7 @@ pytestmark = pytest.mark.timeout(240)
 SECTIONS = ("## Targets", "## 1. Retrieval", "### Where one association's time goes", "## 2. Archiving", "## 3. Discovery", "## 4. Scale")
 QUICK_VARIANTS = {
     "dcmtk-move-nodelay", "dcmtk-get-nodelay", "dcmtk-move-nagle", "dcmtk-get-nagle",
-    "project-c-move-2", "project-c-get-2",
+    "project-c-move-2", "project-c-get-2", "project-wado-rs-2",
 }  # fmt: skip
 
 

@@ -15,6 +15,7 @@ import dagster as dg
 from dicom_assets.config import CONFIG_ENV_VAR, ScheduleSettings, Settings, load_selection_rule, load_settings, selection_rule_name
 from dicom_assets.pacs.budget import DatabaseBudget, budget_window_s, pacs_key
 from dicom_assets.pacs.client import PacsClient
+from dicom_assets.pacs.faults import RequestGate
 from dicom_assets.request_file import RequestFile, RequestFileError, read_request_file
 from dicom_assets.store import StateStore
 
@@ -52,12 +53,18 @@ class DicomAssetsResource(dg.ConfigurableResource):
         return _store(self.settings().database.url)
 
     def pacs(self) -> PacsClient:
+        """The PACS client: DIMSE, or with ``pacs.protocol: dicomweb`` a DicomwebClient (same surface)."""
         settings = self.settings()
         pacs = settings.pacs
-        key = pacs_key(pacs.host, pacs.port, pacs.called_ae_title)
+        web = settings.dicomweb if pacs.protocol == "dicomweb" else None
+        key = web.budget_key() if web is not None else pacs_key(pacs.host, pacs.port, pacs.called_ae_title)
         budget = _budget(
             settings.database.url, key, pacs.max_requests_per_minute, budget_window_s(), pacs.adaptive_rate, pacs.rate_floor
         )
+        if web is not None:
+            from dicom_assets.dicomweb.client import DicomwebClient
+
+            return DicomwebClient(pacs, web, budget, gate=RequestGate(pacs.blackout_windows()))  # type: ignore[return-value]
         return PacsClient(pacs, budget)
 
     def selection_rule(self):  # type: ignore[no-untyped-def]

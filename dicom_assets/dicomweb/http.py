@@ -171,6 +171,7 @@ class DicomwebHttp:
         self.gate = gate
         self._sleep = sleep
         self._lock = threading.Lock()
+        self._thread = threading.local()  # this thread's requests: one session's share of a shared client
         self.requests = 0
         self.client = httpx.Client(
             auth=_auth(settings),
@@ -190,6 +191,10 @@ class DicomwebHttp:
     def close(self) -> None:
         """Close the pooled connections."""
         self.client.close()
+
+    def thread_requests(self) -> int:
+        """The requests the calling thread sent through this client (retries included)."""
+        return getattr(self._thread, "requests", 0)
 
     def describe(self) -> str:
         return f"the DICOMweb server {self.settings.describe()}"
@@ -252,6 +257,7 @@ class DicomwebHttp:
         self.budget.acquire(f"{kind} {request.method} {request.url.path}"[:200])
         with self._lock:
             self.requests += 1
+        self._thread.requests = self.thread_requests() + 1
         try:
             response = self.client.send(request, stream=stream)
         except httpx.TransportError as exc:

@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from dicom_assets import stopping
 from dicom_assets.pacs.adaptive_rate import BudgetRate, RatePolicy
@@ -61,6 +61,16 @@ def pacs_key(host: str, port: int, called_ae_title: str) -> str:
     same way everywhere (``pacs.example.org`` and its IP address would be two budgets).
     """
     return f"{host.strip().lower()}:{int(port)}/{called_ae_title.strip()}"
+
+
+def server_key(client: Any) -> str:
+    """The name of the server a client talks to, for watermarks: a DICOMweb client's
+    ``server_key`` (``dicomweb.budget_key()``), else :func:`pacs_key` of its ``pacs:`` settings."""
+    key = getattr(client, "server_key", None)
+    if isinstance(key, str):
+        return key
+    s = client.settings
+    return pacs_key(s.host, s.port, s.called_ae_title)
 
 
 class RequestBudget(Protocol):

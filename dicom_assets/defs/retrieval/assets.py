@@ -42,5 +42,5 @@ def downloaded_series(context: dg.AssetExecutionContext, dicom: DicomAssetsResou
         "pacs_resets_seen": rate.resets,
     }  # fmt: skip
     return dg.MaterializeResult(
-        metadata={**stats.metadata(), **budget, "patients": len(patient_ids), "method": settings.pacs.retrieve_method}
+        metadata={**stats.metadata(), **budget, "patients": len(patient_ids), "method": "wado-rs" if settings.pacs.protocol == "dicomweb" else settings.pacs.retrieve_method}
     )
