@@ -1,7 +1,9 @@
 # dicom_assets — every set-up step lives here, so `make demo` and `make test` work on a fresh
-# Debian machine with Python 3.11.
+# Debian machine with Python 3.11, 3.12 or 3.13.
 SHELL := /bin/bash
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The interpreter for a new .venv: python3 if it is 3.11–3.13, else python3.13, python3.12 or
+# python3.11 (scripts/bootstrap.sh --which-python); choose one with `make PYTHON=/path/to/python3.12`.
+PYTHON ?= $(shell scripts/bootstrap.sh --which-python)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp

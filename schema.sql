@@ -261,3 +261,9 @@ CREATE TABLE IF NOT EXISTS deidentified_archives (
 );
 CREATE INDEX IF NOT EXISTS deidentified_archives_patient_idx ON deidentified_archives (patient_id, archive_id);
 ALTER TABLE series ADD COLUMN IF NOT EXISTS deid_excluded_reason TEXT;  -- why the series is not in the de-identified copy
+
+-- New work flows by itself under the daemon (dicom_assets.store.pending_work, sensor
+-- new_patient_work): when the per-patient pipeline last started on the patient. Work marked
+-- after it (an outdated mark, a series never tried) has not been seen by any run yet; work
+-- marked before it was, and waits for the retrieval schedule if that run could not finish it.
+ALTER TABLE patients ADD COLUMN IF NOT EXISTS pipeline_started_at TIMESTAMPTZ;

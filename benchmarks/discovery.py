@@ -26,7 +26,7 @@ from dicom_assets.discovery import discover_pass, discover_series, discover_stud
 from dicom_assets.pacs.client import PacsClient
 from dicom_assets.store import StateStore
 
-PATIENTS_PER_RUN = 200  # dicom_assets.defs.retrieval.schedules.PATIENTS_PER_RUN
+PATIENTS_PER_RUN = 200  # dicom_assets.defs.patient_runs.PATIENTS_PER_RUN
 
 
 def discovery_spec(patients: int, studies_per_patient: int = 2, series_per_study: int = 2) -> CohortSpec:

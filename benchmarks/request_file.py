@@ -45,7 +45,7 @@ from dicom_assets.series_filter import SeriesFilter
 from dicom_assets.series_selection import apply_series_selection
 from dicom_assets.store import StateStore
 
-PATIENTS_PER_RUN = 200  # dicom_assets.defs.retrieval.schedules.PATIENTS_PER_RUN
+PATIENTS_PER_RUN = 200  # dicom_assets.defs.patient_runs.PATIENTS_PER_RUN
 ADDED_ROWS = 10
 #: Bump when the cohort's generator changes in a way that makes a cached copy wrong.
 CACHE_VERSION = 1

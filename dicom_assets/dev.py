@@ -2,8 +2,11 @@
 
 Reuses the demo's work directory when ``make demo`` made one (so its runs, partitions and
 materializations are there to look at), otherwise creates a fresh cohort. The bundled PACS runs
-in this process on new loopback ports (the config is rewritten to match) while ``dagster dev``
-runs as a child with ``DICOM_ASSETS_CONFIG`` and ``DAGSTER_HOME`` pointing into the work dir.
+in this process on new loopback ports (the config is rewritten to match) while the UI runs as a
+child with ``DICOM_ASSETS_CONFIG`` and ``DAGSTER_HOME`` pointing into the work dir.
+
+The UI is Dagster's current ``dg dev`` when the ``dg`` CLI (dagster-dg-cli, a dependency) is
+installed, else the older ``dagster dev`` (which Dagster marks superseded by ``dg dev``).
 """
 
 from __future__ import annotations
@@ -32,12 +35,28 @@ def _ensure_world(workdir: Path) -> Path:
     return workdir
 
 
+def ui_command(host: str, port: int) -> list[str]:
+    """``dg dev`` when the dg CLI is installed next to this Python, else ``dagster dev``.
+
+    Both serve ``-m dicom_assets`` from the work dir, as before. (A bare ``dg dev`` would load the
+    same location through ``[tool.dg]``, but from the checkout's root, where Dagster warns about
+    the production dagster.yaml that DAGSTER_HOME overrides.)
+    """
+    bindir = str(Path(sys.executable).parent)
+    listen = ["-h", host, "-p", str(port)]
+    if dg := shutil.which("dg", path=bindir):
+        return [dg, "dev", "-m", "dicom_assets", *listen]
+    dagster = shutil.which("dagster", path=bindir) or "dagster"
+    return [dagster, "dev", *listen, "-m", "dicom_assets"]
+
+
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
 def run_dev(workdir: Path, ui_port: int = 3000) -> int:
-    """Serve the demo PACS and run ``dagster dev`` until it exits (Ctrl-C stops both)."""
+    """Serve the demo PACS and run the UI (``dg dev``, see :func:`ui_command`) until it exits
+    (Ctrl-C stops both)."""
     workdir = _ensure_world(workdir)
     old = yaml.safe_load((workdir / "config.yaml").read_text()) if (workdir / "config.yaml").exists() else {}
     receiver_port = _free_port()
@@ -52,8 +71,7 @@ def run_dev(workdir: Path, ui_port: int = 3000) -> int:
             "DICOM_ASSETS_CONFIG": str(config),
             "DAGSTER_HOME": str(workdir / "dagster_home"),
         }
-        dagster = shutil.which("dagster", path=str(Path(sys.executable).parent)) or "dagster"
-        command = [dagster, "dev", "-h", "127.0.0.1", "-p", str(ui_port), "-m", "dicom_assets"]
+        command = ui_command("127.0.0.1", ui_port)
         print(f"bundled PACS on 127.0.0.1:{pacs.port}; Dagster UI on http://127.0.0.1:{ui_port} (Ctrl-C stops)", flush=True)
         child = subprocess.Popen(command, env=env, cwd=workdir)
         signal.signal(signal.SIGTERM, _interrupt)

@@ -20,7 +20,7 @@ from dicom_assets import stopping
 from dicom_assets.config import CONFIG_ENV_VAR, Settings, load_settings
 from dicom_assets.layout import pid_alive
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
-from dicom_assets.defs.retrieval.schedules import patient_range_requests
+from dicom_assets.defs.patient_runs import patient_range_requests
 from dicom_assets.store import StateStore
 
 

@@ -83,6 +83,14 @@ def pg_url(pg_server_url: str) -> Iterator[str]:
 
 
 @pytest.fixture
+def state_pg_url(pg_server_url: str) -> Iterator[str]:
+    """A second fresh PostgreSQL database: the state DB beside Dagster's own (``pg_url``), as in production."""
+    url = _create_database(pg_server_url)
+    yield url
+    _drop_database(pg_server_url, url)
+
+
+@pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'state.sqlite'}"
 

@@ -146,7 +146,7 @@ DAGSTER_RUN = """
 import dagster as dg
 from dicom_assets.definitions import defs
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
-from dicom_assets.defs.retrieval.schedules import patient_range_requests
+from dicom_assets.defs.patient_runs import patient_range_requests
 instance = dg.DagsterInstance.get()
 assert defs.resolve_job_def("discover_patients").execute_in_process(instance=instance).success
 [request] = patient_range_requests(list(instance.get_dynamic_partitions(PATIENTS_PARTITION_SET)))

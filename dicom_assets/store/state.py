@@ -14,7 +14,8 @@ The queries are grouped by concern, one module each, and StateStore combines the
 - :mod:`~dicom_assets.store.selection`: series facts for the series filters, ``skipped`` marks;
 - :mod:`~dicom_assets.store.budget`: the PACS request budget;
 - :mod:`~dicom_assets.store.requests`: the request file's rows and what they resolved to;
-- :mod:`~dicom_assets.store.deid`: the crosswalk (pseudonyms) and the de-identified zips.
+- :mod:`~dicom_assets.store.deid`: the crosswalk (pseudonyms) and the de-identified zips;
+- :mod:`~dicom_assets.store.pending_work`: patients with work no pipeline run has seen yet.
 
 Time: on PostgreSQL every "now" is the database clock (``now()``); on SQLite it is Python's UTC
 clock, stored as naive UTC text (the SQLAlchemy SQLite DateTime format), so string comparison is
@@ -37,6 +38,7 @@ from dicom_assets.store.discovery import DiscoveryQueries
 from dicom_assets.store.instances import InstanceQueries, ReceivedSummary
 from dicom_assets.store.incremental import DiscoveryWatermark, IncrementalDiscoveryQueries, OutdatedRow, RelatedCounts
 from dicom_assets.store.lookups import LookupQueries
+from dicom_assets.store.pending_work import PendingWork, PendingWorkQueries
 from dicom_assets.store.reporting import ReportQueries
 from dicom_assets.store.selection import SeriesSelectionQueries, SkipCounts
 from dicom_assets.store.requests import RequestQueries
@@ -47,6 +49,7 @@ __all__ = [
     "SQLITE_BUSY_TIMEOUT_S",
     "DiscoveryWatermark",
     "OutdatedRow",
+    "PendingWork",
     "ReceivedSummary",
     "SkipCounts",
     "RelatedCounts",
@@ -66,6 +69,7 @@ class StateStore(
     SeriesSelectionQueries,
     RequestQueries,
     DeidQueries,
+    PendingWorkQueries,
     StoreBase,
 ):
     """Thread-safe handle on the state DB (one SQLAlchemy engine; each method is one transaction)."""

@@ -63,6 +63,7 @@ patients = sa.Table(
     sa.Column("related_series", sa.Integer),
     sa.Column("related_instances", sa.Integer),
     sa.Column("studies_outdated_at", sa.DateTime(timezone=True), server_default=db_now()),
+    sa.Column("pipeline_started_at", sa.DateTime(timezone=True)),  # store/pending_work.py
 )
 
 studies = sa.Table(

@@ -72,10 +72,12 @@ def studies(context: dg.AssetExecutionContext, dicom: DicomAssetsResource) -> dg
     pass could not account for (new, or changed below an old study), none for the others. With a
     request file the rows name the studies: none is asked for here (that would add studies of
     the patient that nobody requested)."""
+    patient_ids = dicom.patient_ids(context.partition_keys)
+    dicom.store().mark_pipeline_started(patient_ids)  # the work marked so far is this run's (sensor new_patient_work)
     if dicom.settings().selection.request_file is not None:
         context.log.info("studies come from the request file's rows (the patients asset); nothing to ask here")
         return dg.MaterializeResult(metadata={"pacs_requests": 0, "patients": len(context.partition_keys), "patients_queried": 0})
-    stats = discover_studies(dicom.pacs(), dicom.store(), dicom.patient_ids(context.partition_keys), _manual_refresh(context))
+    stats = discover_studies(dicom.pacs(), dicom.store(), patient_ids, _manual_refresh(context))
     context.log.info(f"{stats.studies_known} studies of {len(context.partition_keys)} patient(s); {stats.patients_queried} asked for")
     return dg.MaterializeResult(metadata={**stats.metadata(), "patients": len(context.partition_keys)})
 

@@ -1,5 +1,8 @@
 """Retrieval on a schedule (default hourly): the per-patient pipeline over every patient.
 
+The safety net: new work starts by itself (sensor ``new_patient_work``); this retries what a
+run could not finish (the PACS was down, a series failed) and catches anything missed.
+
 One run request per chunk of patients (a partition range), never one run per patient; the
 state DB's claims make a run that overlaps another skip series already being fetched.
 """
@@ -8,23 +11,10 @@ import dagster as dg
 
 from dicom_assets.defs.jobs import patient_pipeline_job
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET
+from dicom_assets.defs.patient_runs import patient_range_requests
 from dicom_assets.defs.resources import schedule_settings
 
-PATIENTS_PER_RUN = 200
 _settings = schedule_settings()
-
-
-def patient_range_requests(keys: list[str], chunk: int = PATIENTS_PER_RUN) -> list[dg.RunRequest]:
-    """Run requests covering ``keys`` (in partition order) in ranges of at most ``chunk``."""
-    return [
-        dg.RunRequest(
-            tags={
-                "dagster/asset_partition_range_start": keys[i],
-                "dagster/asset_partition_range_end": keys[min(i + chunk, len(keys)) - 1],
-            }
-        )
-        for i in range(0, len(keys), chunk)
-    ]
 
 
 @dg.schedule(
