@@ -23,7 +23,9 @@ How it is put together (one module per concern):
   when more than N requests arrived in the last ``window_s`` (60) seconds, like the hospital
   PACS, including the one whose request went over; ``drop_every_s`` aborts every open
   association periodically, like a nightly network reset. Counters: ``resets_triggered``,
-  ``drops``, ``associations_aborted``.
+  ``drops``, ``associations_aborted``. A reset or drop aborts associations from another thread
+  than theirs, so every association queues nothing after its A-ABORT (:func:`_nothing_after_abort`),
+  and one whose A-ASSOCIATE-RQ has not arrived yet is aborted when it does.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import logging
 import signal
 import threading
 import time
+import weakref
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any, Iterator, Mapping, Sequence
@@ -42,6 +45,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from dicom_assets.devpacs.catalog import _FolderIndex, _Instance, _parse_instance
@@ -75,6 +79,43 @@ def _read_whole_file(path: Path) -> Dataset:
     """Every full read (pixel data included) of a served file: only to convert or transcode one
     the peer did not accept as stored. One function, so a test can forbid it."""
     return dcmread(path)
+
+
+def _nothing_after_abort(assoc: Association) -> None:
+    """Make ``assoc`` queue nothing for its peer once an A-ABORT is queued (idempotent).
+
+    A reset or a drop aborts an association from another thread (``devpacs-drops``,
+    ``devpacs-reset``) while the association's own thread may be answering a request: it checked
+    ``is_established`` a moment before and is queueing C-FIND/C-MOVE responses or a C-STORE's
+    P-DATA. pynetdicom's DUL sends the A-ABORT (state Sta13: awaiting the transport close); a
+    P-DATA (Evt9) or A-RELEASE response (Evt14) queued behind it has no transition in Sta13,
+    and ``InvalidEventError`` kills the DUL's reactor thread with a traceback. After an A-ABORT
+    request the association no longer exists (PS3.8 9.2), so what its thread still hands over
+    is dropped here, under a lock the abort also takes: nothing can be queued behind it.
+    """
+    dul = assoc.dul
+    if getattr(dul, "_devpacs_nothing_after_abort", False):
+        return
+    queue_primitive = dul.send_pdu
+    guard = threading.Lock()
+    state = {"aborted": False, "dropped": 0}
+
+    def send_pdu(primitive: Any) -> None:
+        with guard:
+            if state["aborted"]:
+                if not state["dropped"]:
+                    LOGGER.debug(
+                        "association from %s:%s aborted: not sending the rest of its %s",
+                        assoc.requestor.address, assoc.requestor.port, type(primitive).__name__,
+                    )  # fmt: skip
+                state["dropped"] += 1
+                return
+            if isinstance(primitive, (A_ABORT, A_P_ABORT)):
+                state["aborted"] = True
+            queue_primitive(primitive)
+
+    dul.send_pdu = send_pdu  # type: ignore[method-assign]
+    dul._devpacs_nothing_after_abort = True  # type: ignore[attr-defined]
 
 
 def _quiet_pynetdicom() -> None:
@@ -150,6 +191,10 @@ class DevPacs:
         self._aborted = 0
         self._stop_drops = threading.Event()
         self._drop_thread: threading.Thread | None = None
+        # Associations whose A-ASSOCIATE-RQ arrived (only those can be aborted), and those a reset
+        # or drop caught before it did (aborted when it arrives); under _lock.
+        self._requested: weakref.WeakSet[Association] = weakref.WeakSet()
+        self._abort_when_requested: weakref.WeakSet[Association] = weakref.WeakSet()
 
     # ---- lifecycle
 
@@ -304,14 +349,26 @@ class DevPacs:
         return reset
 
     def _abort_all(self, spare: Association | None = None) -> int:
-        """Abort every association a client opened with us (not ``spare``); returns how many."""
+        """Abort every association a client opened with us (not ``spare``); returns how many.
+
+        A connection whose A-ASSOCIATE-RQ has not arrived yet cannot take an A-ABORT (pynetdicom:
+        ``InvalidEventError`` for Evt15 in Sta2, in its reactor thread): it is aborted when the
+        request arrives (:meth:`_on_association`), and not counted here.
+        """
         server = self._server
         if server is None:
             return 0
+        now = []
+        with self._lock:
+            for assoc in list(server.active_associations):
+                if assoc is spare or assoc.is_aborted or assoc.is_released:
+                    continue
+                if assoc in self._requested:
+                    now.append(assoc)
+                else:
+                    self._abort_when_requested.add(assoc)
         aborted = 0
-        for assoc in list(server.active_associations):
-            if assoc is spare or assoc.is_aborted or assoc.is_released:
-                continue
+        for assoc in now:
             try:
                 assoc.abort()
             except Exception as exc:  # noqa: BLE001 - one association that will not die stops no other
@@ -334,7 +391,21 @@ class DevPacs:
             return self._destinations.get((ae_title or "").strip())
 
     def _on_association(self, event: Event) -> None:
-        self._request("ASSOCIATION", event)  # an abort here means pynetdicom never accepts it
+        # An abort here (a reset, or a drop that came before the request) means pynetdicom never
+        # accepts the association.
+        assoc = event.assoc
+        _nothing_after_abort(assoc)  # before anything can abort it
+        with self._lock:
+            self._requested.add(assoc)
+            dropped = assoc in self._abort_when_requested
+        if self._request("ASSOCIATION", event) or not dropped:
+            return
+        LOGGER.debug(
+            "association from %s:%s aborted: a drop came before its request", assoc.requestor.address, assoc.requestor.port
+        )
+        assoc.abort(block=False)  # this thread is the association's
+        with self._lock:
+            self._aborted += 1
 
     def _on_echo(self, event: Event) -> int:
         if self._request("C-ECHO", event):
