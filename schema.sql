@@ -267,3 +267,17 @@ ALTER TABLE series ADD COLUMN IF NOT EXISTS deid_excluded_reason TEXT;  -- why t
 -- after it (an outdated mark, a series never tried) has not been seen by any run yet; work
 -- marked before it was, and waits for the retrieval schedule if that run could not finish it.
 ALTER TABLE patients ADD COLUMN IF NOT EXISTS pipeline_started_at TIMESTAMPTZ;
+
+-- The adaptive number of concurrent retrieves (dicom_assets.pacs.adaptive_concurrency): the
+-- count in force for a PACS, shared by every worker and machine through its row, cut with the
+-- request rate on a reset (one controller), and the slots that count the retrieves in flight.
+ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS concurrency_limit INTEGER;               -- NULL: not probed yet
+ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS concurrency_cut_at TIMESTAMPTZ;                  -- the last halving
+ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS concurrency_peak INTEGER;                -- the highest count reached
+ALTER TABLE pacs_budgets ADD COLUMN IF NOT EXISTS concurrency_cuts BIGINT NOT NULL DEFAULT 0; -- halvings (A7xx/C0xx, resets)
+CREATE TABLE IF NOT EXISTS pacs_slots (
+    pacs_key    TEXT NOT NULL REFERENCES pacs_budgets (pacs_key) ON DELETE CASCADE,
+    holder      TEXT NOT NULL,                       -- host:pid:thread of the worker
+    expires_at  TIMESTAMPTZ NOT NULL,                -- renewed every epoch; a dead holder's slot frees itself
+    PRIMARY KEY (pacs_key, holder)
+);

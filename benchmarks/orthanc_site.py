@@ -64,11 +64,12 @@ def _modality(aet: str, port: int) -> dict[str, object]:
     }  # fmt: skip
 
 
-def start_site(root: Path, dicomweb: bool = False) -> Site:
+def start_site(root: Path, dicomweb: bool = False, dicom_threads: int | None = None) -> Site:
     """Start Orthanc under ``root`` (storage, index, config, log); returns once REST answers.
 
     ``dicomweb``: also load the DICOMweb plugin when it is installed (without it, the site has
-    no :attr:`Site.dicomweb_url` and only a WADO-RS variant fails, saying why)."""
+    no :attr:`Site.dicomweb_url` and only a WADO-RS variant fails, saying why). ``dicom_threads``:
+    Orthanc's ``DicomThreadsCount`` (associations it serves at once; its default is 4)."""
     binary = orthanc_binary()
     if binary is None:
         raise RuntimeError("Orthanc is not installed (apt-get install orthanc; see scripts/ensure-services.sh)")
@@ -78,6 +79,8 @@ def start_site(root: Path, dicomweb: bool = False) -> Site:
     config = orthanc_config(root, dicom_port, http_port, project_port, receiver_ae_title=PROJECT_AET, dicomweb_plugin_path=plugin)
     config["DicomModalities"] = {"dicom_assets": _modality(PROJECT_AET, project_port), "dcmtk": _modality(DCMTK_AET, dcmtk_port)}
     config["JobsHistorySize"] = 10
+    if dicom_threads is not None:
+        config["DicomThreadsCount"] = dicom_threads
     config_file = root / "orthanc.json"
     config_file.write_text(json.dumps(config, indent=2))
     log_file = root / "orthanc.log"

@@ -17,10 +17,10 @@ import json
 import os
 import sys
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import sqlalchemy as sa
 import yaml
@@ -40,6 +40,8 @@ class ProjectVariant:
     method: str  # "c-move" | "c-get" | "wado-rs"
     associations: int
     default: bool  # the config's default number of associations
+    #: More ``pacs:`` settings, as (key, value) pairs (e.g. the WAN section's adaptive concurrency switch).
+    pacs_extra: tuple[tuple[str, object], ...] = ()
 
     @property
     def label(self) -> str:
@@ -89,6 +91,7 @@ def write_config(directory: Path, site: Site, variant: ProjectVariant, database_
         pacs["retrieve_method"] = variant.method
     if not variant.default:
         pacs["max_concurrent_associations"] = variant.associations
+    pacs.update(variant.pacs_extra)
     config: dict[str, object] = {"pacs": pacs}
     if web:
         config["dicomweb"] = {"url": site.dicomweb_url}
@@ -124,10 +127,13 @@ def dicom_assets_command() -> str:
 
 
 def run_project_variant(
-    site: Site, variant: ProjectVariant, directory: Path, pg_server_url: str, patient_id_regex: str, wrap: Sequence[str] = ()
+    site: Site, variant: ProjectVariant, directory: Path, pg_server_url: str, patient_id_regex: str, wrap: Sequence[str] = (),
+    watch: Callable[[str], AbstractContextManager[object]] | None = None,
 ) -> ProjectResult:
     """One ``dicom-assets sync`` pass in ``directory`` (fresh state DB and Dagster home);
-    ``wrap``: a command the sync runs under (a profiler)."""
+    ``wrap``: a command the sync runs under (a profiler); ``watch(database_url)``: a context
+    entered just before the sync starts and left after it ended, before its state DB is dropped
+    (the WAN section samples the request log with it)."""
     directory.mkdir(parents=True, exist_ok=True)
     dagster_home = directory / "dagster_home"
     dagster_home.mkdir(exist_ok=True)
@@ -136,10 +142,11 @@ def run_project_variant(
     with scratch_database(pg_server_url) as database_url:
         config = write_config(directory, site, variant, database_url, patient_id_regex)
         env = environment(TCP_NODELAY=None, DAGSTER_HOME=str(dagster_home), DICOM_ASSETS_CONFIG=None)
-        usage = run_child(
-            [*wrap, dicom_assets_command(), "sync", "--config", str(config), "--no-progress", "--json-summary", str(summary_file)],
-            directory / "sync.log", env, cwd=directory, timeout_s=SYNC_TIMEOUT_S,
-        )  # fmt: skip
+        with watch(database_url) if watch is not None else nullcontext():
+            usage = run_child(
+                [*wrap, dicom_assets_command(), "sync", "--config", str(config), "--no-progress", "--json-summary", str(summary_file)],
+                directory / "sync.log", env, cwd=directory, timeout_s=SYNC_TIMEOUT_S,
+            )  # fmt: skip
     if not summary_file.is_file():
         raise RuntimeError(f"{variant.label}: sync exited with {usage.returncode} and wrote no summary\n{usage.log_tail()}")
     summary = json.loads(summary_file.read_text())

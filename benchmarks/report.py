@@ -210,8 +210,116 @@ def deidentify_targets(section: dict[str, Any]) -> list[Target]:
     return [_floor(name, limit, measured, ratio, 2.0)]
 
 
+def _wan_rows(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["key"]: r for r in (section.get("figures") or {}).get("rows", [])}
+
+
+def _wan_faults(row: dict[str, Any]) -> tuple[int, int]:
+    """(A7xx/C0xx statuses, resets) of one WAN row: statuses in its logs; resets seen by the
+    proxies, recorded by the request budget, or counted as series network faults."""
+    resets = int(row.get("proxy_resets") or 0) + int(row.get("budget_resets") or 0) + int(row.get("network_faults") or 0)
+    return int(row.get("status_faults") or 0), resets
+
+
+def wan_targets(section: dict[str, Any]) -> list[Target]:
+    """Issue 15 over a WAN: the defaults ≥ 4× DCMTK's movescu loop and ≥ 0.9× the best fixed
+    association count, with no A7xx/C0xx or reset caused (benchmarks/wan.py)."""
+    f = section.get("figures") or {}
+    rtt = f"Over {f.get('rtt_ms', 20):g} ms RTT"
+    names = (f"{rtt}: retrieval defaults vs DCMTK movescu loop", f"{rtt}: defaults vs best fixed association count",
+             f"{rtt}: A7xx/C0xx statuses and resets (defaults)")  # fmt: skip
+    limits = (f"≥ {4.0:.1f}×", "≥ 0.9×", "0")
+    if section.get("status") != "ok":
+        return [Target(n, lim, _why(section), None, None) for n, lim in zip(names, limits)]
+    rows = {k: r for k, r in _wan_rows(section).items() if r.get("complete")}
+    ours, reference = rows.get("project-default"), rows.get("dcmtk-move")
+    fixed = [r for r in rows.values() if r.get("group") == "fixed"]
+    best = max(fixed, key=lambda r: r["mb_per_s"], default=None)
+    out = []
+    if ours and reference and reference["mb_per_s"]:
+        ratio = ours["mb_per_s"] / reference["mb_per_s"]
+        out.append(_floor(names[0], limits[0], f"{ratio:.2f}× ({ours['mb_per_s']:.1f} vs {reference['mb_per_s']:.1f} MB/s)", ratio, 4.0))
+    else:
+        out.append(Target(names[0], limits[0], "not measured (a row failed)", None, None))
+    if ours and best and best["mb_per_s"]:
+        ratio = ours["mb_per_s"] / best["mb_per_s"]
+        out.append(_floor(names[1], limits[1], f"{ratio:.2f}× ({ours['mb_per_s']:.1f} vs {best['mb_per_s']:.1f} MB/s with "
+                                               f"{best['associations']} assoc)", ratio, 0.9))  # fmt: skip
+    else:
+        why = "no fixed-count row in this run" if not any(r.get("group") == "fixed" for r in _wan_rows(section).values()) else "a row failed"
+        out.append(Target(names[1], limits[1], f"not measured ({why})", None, None))
+    if ours:
+        statuses, resets = _wan_faults(ours)
+        out.append(Target(names[2], limits[2], f"{statuses} A7xx/C0xx, {resets} resets", None, statuses == 0 and resets == 0))
+    else:
+        out.append(Target(names[2], limits[2], "not measured", None, None))
+    return out
+
+
+def wan_section(section: dict[str, Any]) -> list[str]:
+    """Section 1b: retrieval over a WAN (10 ms one way on every path, the project's delay proxy)."""
+    f = section.get("figures") or {}
+    if section.get("status") != "ok" or "rows" not in f:
+        return _section_figures(section)
+    rows = _wan_rows(section)
+    reference = rows.get("dcmtk-move") if (rows.get("dcmtk-move") or {}).get("complete") else None
+    check = f.get("proxy_check") or {}
+    rt, bulk = check.get("round_trip") or {}, check.get("throughput") or {}
+    lines = [
+        f"Orthanc on loopback behind the project's delay proxy (`dicom_assets_tests/delay_proxy.py`): **{f['delay_ms']:g} ms one "
+        f"way on every path** ({f['rtt_ms']:g} ms round trip, no bandwidth cap, TCP_NODELAY on both sides): our associations "
+        "(or HTTP connections) to the PACS, and the PACS's C-STORE associations back to our receiver (Orthanc's C-MOVE "
+        f"destinations point at proxies in front of the receivers). Cohort: {f['cohort']} ({f['series']} series). "
+        f"Orthanc serves up to {f.get('orthanc_dicom_threads') or 4} associations at once (`DicomThreadsCount`; its default, "
+        "4, would keep the 8-association row at 4 C-MOVEs served at once).",
+        "",
+    ]
+    if rt and bulk:
+        lines += [f"The proxy alone: a one-byte round trip takes {rt['median_ms']:.2f} ms (median of {rt['count']}; min "
+                  f"{rt['min_ms']:.2f}, max {rt['max_ms']:.2f}; a new connection's first one {rt['first_ms']:.2f} ms, the TCP "
+                  f"handshake's round trip included); {bulk['megabytes']} MB pass through it at {bulk['mb_per_s']:,.0f} MB/s "
+                  "(loopback, one connection), far above any row below.", ""]  # fmt: skip
+    elif check.get("error"):
+        lines += [f"The proxy alone: not measured ({check['error']}).", ""]
+    body = []
+    for r in rows.values():
+        if r["status"] != "ok":
+            body.append([r["label"], r["associations"], f"**FAILED**: {(r['reason'] or '').splitlines()[0][:120] if r['reason'] else ''}",
+                         "", "", "", "", "", "", ""])  # fmt: skip
+            continue
+        got = f"{r['instances']:,}/{r['expected_instances']:,}" + ("" if r["complete"] else " **MISSING**")
+        ratio = f"{r['mb_per_s'] / reference['mb_per_s']:.2f}×" if reference and r["complete"] and reference["mb_per_s"] else NOT_MEASURED
+        statuses, resets = _wan_faults(r)
+        receiver = NOT_MEASURED if r.get("peak_assoc_receiver") is None else str(r["peak_assoc_receiver"])
+        body.append([
+            r["label"], r["associations"], got, _num(r["seconds"], 1), f"**{r['mb_per_s']:.1f}**", ratio,
+            f"{_num(r.get('requests_per_min_peak'))} ({_num(r.get('requests_per_min_retrieval'), 0)})",
+            f"{_num(r.get('peak_assoc_pacs'))} / {receiver}", str(statuses), str(resets),
+        ])  # fmt: skip
+    for skip in f.get("skipped", []):
+        body.append([skip["label"], "", f"*skipped*: {skip['note']}", "", "", "", "", "", "", ""])
+    lines += _table(
+        ["variant", "assoc / requests", "instances", "s", "MB/s", "× DCMTK", "requests per min: peak 60 s (rate in retrieval)",
+         "peak concurrent: PACS path / receiver path", "A7xx/C0xx", "resets"], body,
+    )  # fmt: skip
+    wan_t = wan_targets(section)
+    verdict = {True: "met", False: "**missed**", None: "not measured"}
+    lines += ["", "Targets (issue 15): " + "; ".join(
+        f"{t.name.split(': ', 1)[-1]} {t.target}: {t.measured} ({verdict[t.met]})" for t in wan_t) + "."]  # fmt: skip
+    lines += ["", "How: each row gets fresh proxies, a fresh state DB and an empty directory; seconds and MB/s as in section 1 "
+              "(the project: as `downloaded_series` recorded them; DCMTK: movescu's wall time). Requests: the project's are the "
+              "grants of its request budget (`pacs_request_log`, read every 0.5 s while the sync runs: associations, C-FINDs, "
+              "C-MOVEs; QIDO-RS/WADO-RS requests), \"peak 60 s\" is the most in any 60 s (the budget's window, "
+              f"{f.get('budget_per_minute', '')} allowed), the rate is those sent during retrieval per minute; DCMTK's are its "
+              "client's count (one association, one C-MOVE per series). Peak concurrent: most connections the proxies held open "
+              "at once during retrieval (WADO-RS: HTTP connections, idle keep-alive ones of the pool included). A7xx/C0xx: log lines naming such a status; resets: seen by the proxies, recorded by the "
+              "budget, or counted as a series' network fault."]  # fmt: skip
+    return lines
+
+
 def targets(results: dict[str, Any]) -> list[Target]:
     out = _retrieval_targets(results.get("retrieval", []))
+    out += wan_targets(results.get("wan") or {"status": "not run", "reason": "not in this run"})
     out += _archiving_targets(results.get("archiving") or {})
     out += _large_instance_targets(results.get("large_instance") or {})
     out += _discovery_targets(results.get("discovery") or {})
@@ -469,6 +577,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         "\"requests\" is `pacs.max_concurrent_associations`, its number of concurrent WADO-RS requests.",
         "",
         *_profile_section(results.get("retrieval_profile") or {"status": "not run", "reason": "not in this run"}),
+        "",
+        "## 1b. Retrieval over a WAN",
+        "",
+        *wan_section(results.get("wan") or {"status": "not run", "reason": "not in this run"}),
         "",
         "## 2. Archiving",
         "",

@@ -16,6 +16,10 @@ c. retrieval variants, each into an empty directory, checked file by file count:
    again with Nagle on (its default);
    then the one-association C-MOVE sync once more under py-spy (``benchmarks/profile.py``: where
    its time goes, the profile behind the one-association target);
+c2. over a WAN (``benchmarks/wan.py``, a child process with its own Orthanc): the same cohort with
+   10 ms added one way on every path by the project's delay proxy: DCMTK movescu+storescp, the
+   sync's defaults, 1/2/4/8 fixed associations, adaptive (skipped until it exists), WADO-RS;
+   ``$BENCH_WAN_PATIENTS`` takes a smaller cohort of that shape;
 d. archiving: ``build_patient_archive`` vs ``zip -r -6`` and ``zip -r -1``;
 d2. one large instance (``benchmarks/large_instance.py``: 4,000 frames of 512x512, 2.1 GB,
    cached like the cohorts): peak RSS and throughput of archiving it (child process), and of a
@@ -26,15 +30,16 @@ e2. de-identification (``benchmarks/deidentify.py``): 300 CT instances of 0.5 MB
    pydicom read + write, dicognito and the project's Deidentifier, one core each, best of 5 rounds;
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
 
-``--quick`` is a smoke run (a 3 MB cohort, default association counts only, discovery over 20
-patients, a 50-row request file, no scale): it proves the harness works, its figures mean
-nothing. A variant that fails or misses an instance is reported as such in the table and makes
+``--quick`` is a smoke run (a 3 MB cohort, default association counts only, the WAN section's
+DCMTK, default and WADO-RS default rows only, discovery over 20 patients, a 50-row request file,
+no scale): it proves the harness works, its figures mean nothing. A variant that fails or misses an instance is reported as such in the table and makes
 the exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -46,10 +51,11 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a file: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import dcmtk, deidentify, external, machine, report  # noqa: E402
+from benchmarks import dcmtk, deidentify, external, machine, report, wan  # noqa: E402
 from benchmarks.archiving import run_archiving  # noqa: E402
 from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
 from benchmarks.large_instance import run_large_instance  # noqa: E402
+from benchmarks.measure import environment, run_child  # noqa: E402
 from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E402
 from benchmarks.profile import profile_one_association  # noqa: E402
 from benchmarks.project import ProjectVariant, run_project_variant  # noqa: E402
@@ -58,11 +64,11 @@ from dicom_assets.config import PacsSettings  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
-SECTIONS = ("retrieval", "archiving", "large-instance", "discovery", "request-file", "scale", "deidentify")
+SECTIONS = ("retrieval", "wan", "archiving", "large-instance", "discovery", "request-file", "scale", "deidentify")
 #: Sections run by benchmarks/external.py: --skip name -> its name there (and key in results.json).
 EXTERNAL_SECTIONS = {"discovery": "discovery", "request-file": "request_file", "scale": "scale"}
 #: Association counts tried besides the default, to find the project's best setting.
-OTHER_ASSOCIATIONS = (1, 3, 4)
+OTHER_ASSOCIATIONS = (1, 2, 4)  # fixed counts (adaptive off) next to the adaptive default
 #: The project's retrieve methods: DIMSE C-MOVE and C-GET, and WADO-RS (pacs.protocol: dicomweb).
 PROJECT_METHODS = ("c-move", "c-get", "wado-rs")
 
@@ -100,7 +106,8 @@ def project_variants(quick: bool) -> list[ProjectVariant]:
     """C-MOVE, C-GET and WADO-RS at the config's default association (request) count, and (full run) at others."""
     default = int(PacsSettings.model_fields["max_concurrent_associations"].default)
     counts = [default] if quick else [default, *(n for n in OTHER_ASSOCIATIONS if n != default)]
-    return [ProjectVariant(method, n, n == default) for method in PROJECT_METHODS for n in counts]
+    fixed = (("adaptive_concurrency", False),)  # the other counts are fixed; the default one adapts up to its ceiling
+    return [ProjectVariant(method, n, n == default, () if n == default else fixed) for method in PROJECT_METHODS for n in counts]
 
 
 def _attempt(row: RetrievalRow, measure: Callable[[], RetrievalRow], failures: list[str], log: Callable[[str], None]) -> RetrievalRow:
@@ -188,6 +195,25 @@ def _profile(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, log: 
         traceback.print_exc()
         return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"}
     log(f"profile: {result.get('status')} {result.get('mb_per_s', '')} MB/s under py-spy")
+    return result
+
+
+def _wan(run_dir: Path, work_dir: Path, pg: str, quick: bool, failures: list[str], log: Callable[[str], None]) -> dict[str, Any]:
+    """Section 1b, retrieval over a WAN: ``python -m benchmarks.wan`` in a child process (its own
+    Orthanc and proxies; a crash there costs this section only); its log is ``wan.log``."""
+    out, directory = run_dir / "wan.json", run_dir / "wan"
+    log("wan: retrieval over 20 ms RTT (benchmarks/wan.py in a child process, log in wan.log)")
+    argv = [sys.executable, "-m", "benchmarks.wan", str(out), "--work-dir", str(work_dir), "--run-dir", str(directory), "--pg-admin-url", pg]
+    usage = run_child(argv + (["--quick"] if quick else []), run_dir / "wan.log", environment(), cwd=REPO_ROOT, timeout_s=wan.TIMEOUT_S)
+    if not out.is_file():
+        result: dict[str, Any] = {"status": "failed", "figures": {}, "reason": f"exit status {usage.returncode}, no result\n{usage.log_tail(15)}"}
+    else:
+        result = json.loads(out.read_text())
+    failures.extend(wan.failures(result))
+    for row in (result.get("figures") or {}).get("rows", []):
+        if row["status"] == "ok" and row["complete"]:
+            log(f"wan {row['label']}: {row['mb_per_s']:.1f} MB/s, {row['seconds']:.1f} s, peak {row['peak_assoc_pacs']} concurrent")
+    log(f"wan: {result['status']} in {usage.wall_s:.0f} s" + ("" if result["status"] == "ok" else f" ({report._why(result)})"))
     return result
 
 
@@ -322,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             _stop_site(site)
         results["retrieval"] = [r.as_dict() for r in rows]
+    results["wan"] = _not_run("--skip") if "wan" in args.skip else _wan(run_dir, work_dir, pg, args.quick, failures, log)
     results["archiving"] = _not_run("--skip") if "archiving" in args.skip else _archiving(cohorts.archive_patient, run_dir, pg, failures, log)
     results["large_instance"] = (
         _not_run("--skip") if "large-instance" in args.skip else _large_instance(work_dir, run_dir, pg, args.quick, failures, log)

@@ -154,13 +154,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     nothing_held = patients.get("patients", 0) - patients.get("archived", 0) - patients.get("pending", 0)
     print(f"patients     {patients.get('patients', 0)} ({patients.get('archived', 0)} archived, {patients.get('pending', 0)} pending"
           + (f", {nothing_held} with every series skipped)" if nothing_held else ")"))
-    print(f"pacs         {_budget(settings, store).rate().describe()}")
+    budget = _budget(settings, store)
+    print(f"pacs         {budget.rate().describe()}")
+    print(f"retrieves    {_concurrency_line(settings, store.concurrency_state(budget.pacs_key))}")
     rows = store.request_rows()
     if settings.selection.request_file is not None or rows:
         counts = Counter(row.resolution for row in rows)
         print(f"request rows {len(rows)} in the state DB (" + ", ".join(f"{n} {r.replace('_', ' ')}" for r, n in sorted(counts.items()))
               + f"); the answer per row: materialize request_report ({settings.paths.report_dir / 'request_report.csv'})")
     return 0
+
+
+def _concurrency_line(settings, state) -> str:  # type: ignore[no-untyped-def]
+    """The count of concurrent retrieves: in force, highest reached, cuts, in flight now."""
+    p = settings.pacs
+    if not p.adaptive_concurrency:
+        return f"{p.max_concurrent_associations} at once (pacs.adaptive_concurrency: false)"
+    if state.limit is None:
+        return f"adaptive up to {p.max_concurrent_associations}, not probed yet (starts at {p.start_concurrent_associations})"
+    return (f"{state.limit} at once of up to {p.max_concurrent_associations} (adaptive; highest {state.peak}, "
+            f"{state.cuts} cuts by A7xx/C0xx or resets); {state.in_flight} in flight now")
 
 
 def _budget(settings, store):  # type: ignore[no-untyped-def]

@@ -1,6 +1,7 @@
 """Retrieval: bring every not-yet-complete series of some patients to local disk.
 
-Workers (``pacs.max_concurrent_associations`` threads, each with its own association) claim
+Workers (up to ``pacs.max_concurrent_associations`` threads, each with its own association,
+as many at once as the adaptive count allows, :mod:`dicom_assets.pacs.concurrency`) claim
 series one at a time in the state DB, so concurrent runs never fetch the same series and a
 claim left by a crashed process expires. A series is ``complete`` only when the retrieve's final
 status is success with no failed sub-operation AND every expected instance is on disk;
@@ -45,7 +46,9 @@ from dicom_assets.config import Settings
 from dicom_assets.dicomweb.http import DicomwebAuthError
 from dicom_assets.dicomweb.retrieve import WadoSeriesRetriever
 from dicom_assets.layout import pid_alive
+from dicom_assets.pacs.adaptive_concurrency import ConcurrencyPolicy
 from dicom_assets.pacs.client import PacsClient, PacsSession
+from dicom_assets.pacs.concurrency import ConcurrencyReport, RetrieveGate
 from dicom_assets.pacs.errors import MoveDestinationUnknown, PacsUnreachable
 from dicom_assets.pacs.faults import Backoff
 from dicom_assets.series_attempt import SeriesOutcome, SeriesRetriever
@@ -67,6 +70,7 @@ class RetrievalStats:
     seconds: float = 0.0
     requests: int = 0
     connection_faults: int = 0  # connection faults seen by the run's workers (resets, refusals, timeouts)
+    concurrency: ConcurrencyReport | None = None  # the count of concurrent retrieves reached
 
     def count(self, status: str) -> int:
         return sum(1 for o in self.outcomes if o.status == status)
@@ -97,6 +101,11 @@ class RetrievalStats:
             "connection_faults": self.connection_faults,
             "seconds": round(self.seconds, 3),
             "mb_per_s": round(mb / self.seconds, 3) if self.seconds > 0 else 0.0,
+            **({} if self.concurrency is None else {
+                "concurrent_retrieves_final": self.concurrency.final,
+                "concurrent_retrieves_peak": self.concurrency.peak,
+                "concurrent_retrieves_cuts": self.concurrency.cuts,
+            }),  # fmt: skip
         }
 
 
@@ -158,6 +167,16 @@ class RunClaims:
         )  # fmt: skip
 
 
+def retrieve_gate(settings: Settings, client: PacsClient, store: StateStore) -> RetrieveGate:
+    """The gate of this retrieval's workers: adaptive between 1 and the ceiling
+    (``pacs.max_concurrent_associations``), shared through the state DB under the budget's key
+    of the PACS, or fixed at the ceiling with ``pacs.adaptive_concurrency: false``."""
+    p = settings.pacs
+    policy = ConcurrencyPolicy(ceiling=p.max_concurrent_associations, start=p.start_concurrent_associations)
+    return RetrieveGate(policy, p.adaptive_concurrency, store, getattr(client.budget, "pacs_key", None),
+                        faults=lambda: client.outage.faults)
+
+
 def check_download_dir(download_dir: Path) -> None:
     """Fail early, naming the path, when the download directory cannot take a file."""
     probe = download_dir / f".write-test.{uuid.uuid4().hex[:12]}"
@@ -202,51 +221,70 @@ def retrieve_patients(
     if settings.pacs.retrieve_method == "c-move" and not dicomweb:
         receiver = StorageReceiver.from_settings(settings).start()
     faults_before = client.outage.faults
+    gate = retrieve_gate(settings, client, store).start()
 
-    def work() -> None:
+    def work(index: int) -> None:
         me = worker_name()
-        sink = None if dicomweb else receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
         try:
-            with client.session(sink=None if receiver else sink) as session:
-                retriever: SeriesRetriever | WadoSeriesRetriever
-                if dicomweb:
-                    retriever = WadoSeriesRetriever(settings, client, session)  # type: ignore[arg-type]
-                else:
-                    retriever = SeriesRetriever(settings, client, sink, session)  # type: ignore[arg-type]
+            while gate.enter(index, me):
                 try:
-                    while not stop.is_set():
-                        stopping.PROCESS.check()
-                        if not session.connected:
-                            session.wait_until_reachable()  # an outage burns no attempts
-                        series = claims.next(me)
-                        if series is None:
-                            break
-                        outcome = _settle(settings, client, store, session, retriever, series, me)
-                        with lock:
-                            stats.outcomes.append(outcome)
-                        if on_outcome:
-                            on_outcome(outcome)
-                        if outcome.storage_errno in DISK_ERRNOS:
-                            raise DownloadDirError(f"stopping: {outcome.error}")
+                    if not serve(index, me):
+                        break
                 finally:
-                    with lock:
-                        stats.requests += session.requests
+                    gate.leave(me)
         except BaseException:
             stop.set()
+            gate.finish()
             raise
+
+    def serve(index: int, me: str) -> bool:
+        """Retrieve with one association until the gate takes this worker's turn away (True:
+        wait for it again) or nothing is left (False)."""
+        sink = None if dicomweb else receiver.sink if receiver else InstanceSink(settings.paths.download_dir)
+        with client.session(sink=None if receiver else sink) as session:
+            retriever: SeriesRetriever | WadoSeriesRetriever
+            if dicomweb:
+                retriever = WadoSeriesRetriever(settings, client, session)  # type: ignore[arg-type]
+            else:
+                retriever = SeriesRetriever(settings, client, sink, session)  # type: ignore[arg-type]
+            try:
+                while not stop.is_set():
+                    stopping.PROCESS.check()
+                    if not session.connected:
+                        session.wait_until_reachable()  # an outage burns no attempts
+                    series = claims.next(me)
+                    if series is None:
+                        gate.finish()
+                        return False
+                    outcome = _settle(settings, client, store, session, retriever, series, me, gate)
+                    gate.series_ended(outcome.new_instances, outcome.seconds)
+                    with lock:
+                        stats.outcomes.append(outcome)
+                    if on_outcome:
+                        on_outcome(outcome)
+                    if outcome.storage_errno in DISK_ERRNOS:
+                        raise DownloadDirError(f"stopping: {outcome.error}")
+                    if not gate.keeps(index):
+                        return True
+                return False
+            finally:
+                with lock:
+                    stats.requests += session.requests
 
     workers = settings.pacs.max_concurrent_associations
     pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="retrieve")
     try:
-        for future in [pool.submit(work) for _ in range(workers)]:
+        for future in [pool.submit(work, i) for i in range(workers)]:
             future.result()
     except BaseException as exc:
         stop.set()
+        gate.finish()
         if not isinstance(exc, Exception):  # KeyboardInterrupt, Dagster's interrupt: stop the workers now
             stopping.PROCESS.request(f"interrupted ({type(exc).__name__})")
         raise
     finally:
         pool.shutdown(wait=True)  # quick: the workers saw the stop or the error
+        stats.concurrency = gate.stop()
         if receiver is not None:
             receiver.stop()
         stats.connection_faults = client.outage.faults - faults_before
@@ -262,6 +300,7 @@ def _settle(
     retriever: SeriesRetriever,
     series: SeriesState,
     worker: str,
+    gate: RetrieveGate | None = None,
 ) -> SeriesOutcome:
     """Attempt a claimed series until it is complete, given up, or left to the next run.
 
@@ -289,6 +328,8 @@ def _settle(
                 return dataclasses.replace(outcome, bytes_received=received, new_instances=new, seconds=spent)
             if outcome.fault == "busy":
                 client.gate.hold(delay)  # every worker holds back, not only this one
+                if gate is not None:
+                    gate.refused()  # and fewer retrieve at once (pacs.adaptive_concurrency)
             else:
                 client.sleep(delay)
             client.gate.wait()

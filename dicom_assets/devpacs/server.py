@@ -137,7 +137,9 @@ class DevPacs:
     Fault injection (0 = off): ``reset_above_per_minute=N`` aborts every open association when a
     request (an association or a C-ECHO/C-FIND/C-MOVE/C-GET) arrives with more than N requests in
     the last ``window_s`` seconds; ``drop_every_s`` aborts every open association that often.
-    ``window_s`` (60) is shortened by tests only.
+    ``window_s`` (60) is shortened by tests only. ``max_retrieves_at_once=N`` answers a C-MOVE or
+    C-GET that arrives while N are running with 0xA702 (out of resources), as PACS that limit
+    their retrieves do.
 
     ``transcode_to_explicit=True`` plays a PACS that transcodes, like Orthanc: an instance whose
     stored syntax the peer did not accept is decoded and sent in the accepted uncompressed syntax
@@ -161,6 +163,7 @@ class DevPacs:
         drop_every_s: float = 0,
         window_s: float = 60.0,
         transcode_to_explicit: bool = False,
+        max_retrieves_at_once: int = 0,
     ) -> None:
         if reset_above_per_minute < 0 or drop_every_s < 0:
             raise ValueError("reset_above_per_minute and drop_every_s must be >= 0 (0 = off)")
@@ -174,6 +177,9 @@ class DevPacs:
         self._destinations: dict[str, tuple[str, int]] = dict(move_destinations or {})
         self._index = _FolderIndex(self.storage_dir, rescan_interval_s, _parse_instance)
         self.transcode_to_explicit = bool(transcode_to_explicit)
+        self.max_retrieves_at_once = int(max_retrieves_at_once)
+        self._retrieving = 0
+        self._refused_busy = 0
         self._policy = SendPolicy(self.transcode_to_explicit, _read_whole_file)
         self._lock = threading.Lock()
         self._served = 0
@@ -451,8 +457,15 @@ class DevPacs:
             yield exc.status, None
             return
         yield (*destination, {"contexts": _move_contexts(instances, self.transcode_to_explicit)})
-        yield len(instances)
-        yield from self._sub_operations(event, instances)
+        if not self._begin_retrieve():
+            yield 1
+            yield OUT_OF_RESOURCES_SUB_OPERATIONS, None
+            return
+        try:
+            yield len(instances)
+            yield from self._sub_operations(event, instances)
+        finally:
+            self._end_retrieve()
 
     def _on_get(self, event: Event) -> Iterator[Any]:
         if self._request("C-GET", event):
@@ -466,11 +479,38 @@ class DevPacs:
             yield 1
             yield exc.status, None
             return
-        yield len(instances)
-        if self.transcode_to_explicit:
-            yield from self._get_sub_operations_like_orthanc(event, instances)
-        else:
-            yield from self._sub_operations(event, instances)
+        if not self._begin_retrieve():
+            yield 1
+            yield OUT_OF_RESOURCES_SUB_OPERATIONS, None
+            return
+        try:
+            yield len(instances)
+            if self.transcode_to_explicit:
+                yield from self._get_sub_operations_like_orthanc(event, instances)
+            else:
+                yield from self._sub_operations(event, instances)
+        finally:
+            self._end_retrieve()
+
+    def _begin_retrieve(self) -> bool:
+        """Count a C-MOVE/C-GET in progress; False (answer A702) when ``max_retrieves_at_once``
+        are already running, as a PACS that limits its retrieves answers."""
+        with self._lock:
+            if self.max_retrieves_at_once and self._retrieving >= self.max_retrieves_at_once:
+                self._refused_busy += 1
+                return False
+            self._retrieving += 1
+            return True
+
+    def _end_retrieve(self) -> None:
+        with self._lock:
+            self._retrieving -= 1
+
+    @property
+    def refused_busy(self) -> int:
+        """C-MOVE/C-GETs answered A702 because ``max_retrieves_at_once`` were running."""
+        with self._lock:
+            return self._refused_busy
 
     def _retrieve_set(self, event: Event) -> list[_Instance]:
         query = _Query.parse(event.identifier, event.context.abstract_syntax)
@@ -503,6 +543,10 @@ class DevPacs:
                 yield _unable_to_process(exc.short), _failed_list(instances[position:])
                 return
             yield PENDING, item
+
+
+#: Refused: Out of Resources - Unable to perform sub-operations (PS3.4 C.4.2.1.5).
+OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
 
 
 def _unable_to_process(comment: str) -> Dataset:

@@ -61,6 +61,7 @@ from dicom_assets.dicomweb.multipart import (
 from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, temp_token
 from dicom_assets.pacs.errors import PacsUnavailable
 from dicom_assets.pacs.receiver import file_meta
+from dicom_assets.pacs.throughput import RECEIVED
 
 log = logging.getLogger("dicom_assets.dicomweb.wado")
 
@@ -235,6 +236,7 @@ class _PartFile:
 
     def write(self, data: memoryview) -> None:
         self.series.result.bytes_received += len(data)
+        RECEIVED.add(len(data))
         if self.fd is None:
             return  # a refused part: its bytes are read and dropped
         try:

@@ -39,6 +39,7 @@ from dicom_assets.layout import UnsafeNameError, check_uid, instance_file, serie
 from dicom_assets.pacs import upper_layer as ul
 from dicom_assets.pacs.contexts import receiver_contexts
 from dicom_assets.pacs.routing import MalformedDataset, routing_uids
+from dicom_assets.pacs.throughput import RECEIVED
 
 log = logging.getLogger("dicom_assets.receiver")
 
@@ -191,6 +192,7 @@ class IncomingInstance:
         self.size = 0
 
     def write(self, piece: memoryview) -> None:
+        RECEIVED.add(len(piece))  # the throughput that adaptive concurrency measures
         if self.fd is not None:
             self._append(piece)
         elif self.status is None:

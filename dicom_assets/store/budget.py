@@ -7,6 +7,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from dicom_assets.pacs.adaptive_concurrency import reset_cut
 from dicom_assets.pacs.adaptive_rate import BudgetRate, RatePolicy
 from dicom_assets.store import tables as t
 from dicom_assets.store.base import StoreBase, _utc
@@ -28,7 +29,7 @@ class BudgetQueries(StoreBase):
         b = t.pacs_budgets
         conn.execute(self._insert(b).values(pacs_key=pacs_key).on_conflict_do_nothing(index_elements=[b.c.pacs_key]))
         columns: list[Any] = [b.c.last_sent_at, b.c.rate_limit, b.c.rate_changed_at, b.c.resets, b.c.lowest_limit,
-                              b.c.last_reset_at]
+                              b.c.last_reset_at, b.c.concurrency_limit, b.c.concurrency_cut_at]
         if self.is_postgresql:
             columns.append(sa.func.clock_timestamp(type_=sa.DateTime(timezone=True)))
         row = conn.execute(sa.select(*columns).where(b.c.pacs_key == pacs_key).with_for_update()).one()
@@ -105,6 +106,10 @@ class BudgetQueries(StoreBase):
                 current = cut
                 values.update(rate_limit=cut, rate_changed_at=self._budget_time(now),
                               lowest_limit=min(cut, row.lowest_limit or cut))
+                count = row.concurrency_limit
+                if count is not None and reset_cut(count) < count:  # one controller: the concurrent retrieves halve too
+                    values.update(concurrency_limit=reset_cut(count),
+                                  concurrency_cut_at=self._budget_time(now), concurrency_cuts=b.c.concurrency_cuts + 1)
             conn.execute(sa.update(b).where(b.c.pacs_key == pacs_key).values(**values))
         return current
 

@@ -13,6 +13,7 @@ The queries are grouped by concern, one module each, and StateStore combines the
 - :mod:`~dicom_assets.store.reporting`: status and patient counts, the inventory;
 - :mod:`~dicom_assets.store.selection`: series facts for the series filters, ``skipped`` marks;
 - :mod:`~dicom_assets.store.budget`: the PACS request budget;
+- :mod:`~dicom_assets.store.concurrency`: the shared count of concurrent retrieves and its slots;
 - :mod:`~dicom_assets.store.requests`: the request file's rows and what they resolved to;
 - :mod:`~dicom_assets.store.deid`: the crosswalk (pseudonyms) and the de-identified zips;
 - :mod:`~dicom_assets.store.pending_work`: patients with work no pipeline run has seen yet.
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 from dicom_assets.store.archives import ArchiveQueries
 from dicom_assets.store.base import BATCH_ROWS, SCHEMA_SQL, SQLITE_BUSY_TIMEOUT_S, StoreBase
-from dicom_assets.store.budget import BudgetQueries
+from dicom_assets.store.concurrency import ConcurrencyQueries, ConcurrencyState
 from dicom_assets.store.claims import ClaimQueries
 from dicom_assets.store.deid import DeidQueries
 from dicom_assets.store.discovery import DiscoveryQueries
@@ -47,6 +48,7 @@ __all__ = [
     "BATCH_ROWS",
     "SCHEMA_SQL",
     "SQLITE_BUSY_TIMEOUT_S",
+    "ConcurrencyState",
     "DiscoveryWatermark",
     "OutdatedRow",
     "PendingWork",
@@ -64,7 +66,7 @@ class StateStore(
     ClaimQueries,
     ReportQueries,
     ArchiveQueries,
-    BudgetQueries,
+    ConcurrencyQueries,
     InstanceQueries,
     SeriesSelectionQueries,
     RequestQueries,

@@ -194,6 +194,20 @@ pacs_budgets = sa.Table(
     sa.Column("resets", sa.BigInteger, nullable=False, server_default=sa.text("0")),
     sa.Column("lowest_limit", sa.Integer),
     sa.Column("last_reset_at", sa.DateTime(timezone=True)),
+    # added later by ALTER TABLE in schema.sql (adaptive concurrency, dicom_assets.pacs.adaptive_concurrency)
+    sa.Column("concurrency_limit", sa.Integer),
+    sa.Column("concurrency_cut_at", sa.DateTime(timezone=True)),
+    sa.Column("concurrency_peak", sa.Integer),
+    sa.Column("concurrency_cuts", sa.BigInteger, nullable=False, server_default=sa.text("0")),
+)
+
+# The retrieves in flight to a PACS (dicom_assets.pacs.concurrency): one leased slot per worker.
+pacs_slots = sa.Table(
+    "pacs_slots",
+    metadata,
+    sa.Column("pacs_key", sa.Text, sa.ForeignKey("pacs_budgets.pacs_key", ondelete="CASCADE"), primary_key=True),
+    sa.Column("holder", sa.Text, primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
 )
 
 pacs_request_log = sa.Table(

@@ -1,0 +1,118 @@
+"""The adaptive number of concurrent retrieves: find what the link and the PACS sustain.
+
+Over a WAN every C-STORE waits a round trip for its response before the PACS sends the next
+instance, so one association is bound by the round trip (about 16 MB/s at 20 ms and 0.5 MB per
+instance) and the throughput grows with the number of associations until the link, the PACS or
+our CPU is full. On loopback it does not grow at all past two. Nobody can know the right count
+for their site in advance, and too many make a PACS answer A7xx/C0xx or reset.
+
+So the count is probed, like TCP's congestion window, one epoch (about a second of transfer) at
+a time:
+
+* **grow while it pays**: from the starting count, double while each step brings at least a
+  quarter of the proportional gain (4 associations must give >= 1.25x the throughput of 2), then, after
+  the first step that does not, go back to the last good count and probe one more at a time
+  every ``reprobe_after_epochs`` epochs;
+* **back off** to half on an A7xx/C0xx answer or a reset (a reset with the adaptive request rate,
+  in one update of the PACS's row: one controller for both; not below 2, see
+  :data:`RESET_FLOOR`), and by one when the time per instance
+  rises ``latency_factor`` times above the best seen (the PACS queues our requests);
+* between 1 and the ceiling, ``pacs.max_concurrent_associations``.
+
+This module is only the arithmetic; :mod:`dicom_assets.pacs.concurrency` measures, gates the
+workers and keeps the shared limit in the state DB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+
+#: A reset halves the count but not below this: links reset for reasons of their own (a VPN's
+#: nightly drop, a flaky hop) that fewer associations do not cure, and two is what retrieval ran
+#: with before it adapted. A7xx/C0xx, the PACS's own "too many", go down to 1.
+RESET_FLOOR = 2
+
+
+def reset_cut(count: int) -> int:
+    """The count after a reset: half, not below :data:`RESET_FLOOR` (nor above ``count``)."""
+    return max(min(RESET_FLOOR, count), count // 2)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """Where the probing of one PACS stands, in this process."""
+
+    limit: int  # concurrent retrieves allowed now
+    base_limit: int  # the last count whose throughput is known (the fallback of a probe)
+    base_throughput: float = 0.0  # bytes/s measured at base_limit; 0: not measured yet
+    slow_start: bool = True  # doubling until the first step that does not pay
+    settled_epochs: int = 0  # epochs at base_limit since the last probe
+    best_latency: float | None = None  # the lowest seconds per instance seen
+
+
+@dataclass(frozen=True)
+class ConcurrencyPolicy:
+    """How the count moves: between 1 and ``ceiling``, one decision per epoch."""
+
+    ceiling: int
+    start: int = 4  # half the default ceiling: a short cohort over a WAN must not spend its time ramping
+    epoch_s: float = 1.0
+    warmup_s: float = 0.3  # not measured after a change: the new associations are being set up (~6 round trips)
+    reprobe_after_epochs: int = 15
+    latency_factor: float = 3.0
+    #: Share of the proportional gain a larger count must bring to be kept (0.25: doubling from
+    #: 4 to 8 must give 1.25x the throughput; a link that is filling up gives less than 2x, and
+    #: noise between epochs is some 10 %).
+    gain_share: float = 0.25
+
+    def first(self, shared_limit: int | None) -> Probe:
+        """The probe at the start of a retrieval: from the count the state DB holds (what
+        earlier runs found), else from ``start``; within the ceiling."""
+        limit = max(1, min(self.ceiling, shared_limit if shared_limit is not None else self.start))
+        return Probe(limit=limit, base_limit=limit, slow_start=shared_limit is None)
+
+    def cut(self, limit: int) -> int:
+        """The count after an A7xx/C0xx answer or a reset: half, at least 1."""
+        return max(1, limit // 2)
+
+    def adopt(self, probe: Probe, shared_limit: int) -> Probe:
+        """Another worker or process cut the shared count: follow it, probe again slowly."""
+        limit = max(1, min(self.ceiling, shared_limit))
+        return Probe(limit=limit, base_limit=limit, slow_start=False, best_latency=probe.best_latency)
+
+    def after_epoch(self, probe: Probe, throughput: float, latency: float | None, saturated: bool) -> Probe:
+        """The probe after an epoch at ``probe.limit`` that moved ``throughput`` bytes/s.
+
+        ``latency``: seconds per instance of the attempts that ended in the epoch (None: none
+        ended). ``saturated``: every allowed worker had a series during the epoch; an epoch with
+        idle workers (the end of a run) says nothing about the count and changes nothing.
+        """
+        if not saturated or throughput <= 0:
+            return probe
+        best = latency if probe.best_latency is None or (latency is not None and latency < probe.best_latency) else probe.best_latency
+        probe = dataclasses.replace(probe, best_latency=best)
+        if probe.limit > probe.base_limit:
+            return self._judge_probe(probe, throughput)
+        measured = throughput if probe.base_throughput <= 0 else (probe.base_throughput + throughput) / 2
+        probe = dataclasses.replace(probe, base_throughput=measured)
+        if latency is not None and best is not None and latency > self.latency_factor * best and probe.limit > 1:
+            return Probe(limit=probe.limit - 1, base_limit=probe.limit - 1, slow_start=False, best_latency=best)
+        if probe.slow_start or probe.settled_epochs + 1 >= self.reprobe_after_epochs:
+            return self._step_up(probe)
+        return dataclasses.replace(probe, settled_epochs=probe.settled_epochs + 1)
+
+    def _judge_probe(self, probe: Probe, throughput: float) -> Probe:
+        """Keep the larger count if it paid, else go back to the last good one."""
+        step = (probe.limit - probe.base_limit) / probe.base_limit
+        if throughput >= probe.base_throughput * (1 + self.gain_share * step):
+            kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0)
+            return self._step_up(kept) if probe.slow_start else kept
+        return dataclasses.replace(probe, limit=probe.base_limit, slow_start=False, settled_epochs=0)
+
+    def _step_up(self, probe: Probe) -> Probe:
+        limit = min(self.ceiling, probe.limit * 2 if probe.slow_start else probe.limit + 1)
+        if limit == probe.limit:  # at the ceiling: nothing to probe
+            return dataclasses.replace(probe, slow_start=False, settled_epochs=0)
+        return dataclasses.replace(probe, limit=limit, settled_epochs=0)

@@ -1,0 +1,79 @@
+"""The arithmetic of the adaptive count of concurrent retrieves (pacs/adaptive_concurrency.py):
+links simulated as throughput-per-count curves, no network."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from dicom_assets.pacs.adaptive_concurrency import ConcurrencyPolicy, Probe, reset_cut
+
+
+def _run(policy: ConcurrencyPolicy, link: Callable[[int], float], epochs: int, latency: Callable[[int], float] = lambda n: 0.03) -> list[int]:
+    probe = policy.first(None)
+    counts = []
+    for _ in range(epochs):
+        probe = policy.after_epoch(probe, link(probe.limit), latency(probe.limit), saturated=True)
+        counts.append(probe.limit)
+    return counts
+
+
+def wan(per_association: float, capacity: float) -> Callable[[int], float]:
+    """A round-trip-bound link: each association adds its share until the capacity."""
+    return lambda n: min(n * per_association, capacity)
+
+
+def test_a_wan_link_reaches_the_ceiling_in_two_epochs_by_doubling() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    counts = _run(policy, wan(16e6, 1e9), 6)
+    assert counts[:3] == [4, 8, 8]
+    assert counts[-1] == 8
+
+
+def test_loopback_where_more_associations_do_not_pay_stays_at_the_start() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    counts = _run(policy, lambda n: 300e6 * (1.05 if n > 2 else 1.0), 12)
+    assert counts[0] == 4  # the first probe
+    assert counts[1:12] == [2] * 11  # 5 % more is not a quarter of the doubling's 100 %: back to 2
+
+
+def test_a_link_full_at_five_settles_at_full_throughput_below_the_ceiling() -> None:
+    policy = ConcurrencyPolicy(ceiling=16, start=2, reprobe_after_epochs=5)
+    link = wan(16e6, 80e6)
+    counts = _run(policy, link, 40)
+    assert counts[:4] == [4, 8, 16, 8]  # 8 paid (1.25x of 4), 16 did not: back to 8
+    assert 5 <= counts[-1] <= 9 and link(counts[-1]) == 80e6  # full, and not at the ceiling
+    assert counts.count(16) == 1  # the doubling past the knee was refused at once
+
+
+def test_epochs_with_idle_workers_change_nothing() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    probe = policy.first(None)
+    assert policy.after_epoch(probe, 50e6, 0.03, saturated=False) == probe
+    assert policy.after_epoch(probe, 0.0, None, saturated=True) == probe
+
+
+def test_a_refusal_halves_and_probing_resumes_one_at_a_time() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    probe = Probe(limit=8, base_limit=8, base_throughput=128e6, slow_start=False)
+    assert policy.cut(8) == 4 and policy.cut(1) == 1
+    after = policy.adopt(probe, policy.cut(8))
+    assert after.limit == 4 and not after.slow_start
+
+
+def test_rising_time_per_instance_backs_off_by_one() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    probe = Probe(limit=6, base_limit=6, base_throughput=90e6, slow_start=False, best_latency=0.02)
+    after = policy.after_epoch(probe, 90e6, 0.07, saturated=True)  # 3.5x the best: the PACS queues us
+    assert after.limit == 5
+
+
+def test_the_shared_count_of_earlier_runs_is_the_start_within_the_ceiling() -> None:
+    policy = ConcurrencyPolicy(ceiling=8, start=2)
+    assert policy.first(6).limit == 6 and not policy.first(6).slow_start
+    assert policy.first(20).limit == 8
+    assert ConcurrencyPolicy(ceiling=1, start=2).first(None).limit == 1
+
+
+def test_a_reset_halves_but_not_below_two_a_refusal_goes_down_to_one() -> None:
+    assert [reset_cut(n) for n in (8, 5, 3, 2, 1)] == [4, 2, 2, 2, 1]  # a flaky link is not cured by fewer
+    assert [ConcurrencyPolicy(ceiling=8).cut(n) for n in (8, 3, 2, 1)] == [4, 1, 1, 1]  # A7xx: the PACS said so
