@@ -60,7 +60,7 @@ class PacsSettings(_Section):
     adaptive_concurrency: bool = Field(
         True, description="probe the count of concurrent retrieves between 1 and max_concurrent_associations"
     )
-    start_concurrent_associations: int = Field(4, ge=1, description="where the first probe of a PACS starts")
+    start_concurrent_associations: int = Field(2, ge=1, description="where the first probe of a PACS starts")
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")
     max_attempts: int = Field(

@@ -8,7 +8,9 @@ Under ``CI=true`` a missing server fails the tests that need it; elsewhere they 
 from __future__ import annotations
 
 import os
+import signal
 import socket
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +36,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process_group(proc: "subprocess.Popen[bytes]", timeout_s: float) -> None:
+    """SIGTERM a child started with ``start_new_session=True`` and everything it started
+    (Dagster's run workers, code servers), SIGKILL after ``timeout_s``."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 @pytest.fixture

@@ -32,6 +32,16 @@ def store(db_url: str):  # noqa: ANN201
     state.dispose()
 
 
+def _discover_and_retrieve(settings, store: StateStore, port: int, ids: tuple[str, ...]):  # noqa: ANN001, ANN202
+    """Discover the patients through the PACS's proxy port, retrieve them; (budget key, stats)."""
+    key = pacs_key("127.0.0.1", port, "DEVPACS")
+    client = PacsClient(settings.pacs, DatabaseBudget(store, key, 700))
+    discover_patients(client, store, lambda ds: True)
+    discover_studies(client, store, list(ids))
+    discover_series(client, store, list(ids))
+    return key, retrieve_patients(settings, client, store, list(ids))
+
+
 def test_over_a_20ms_round_trip_the_count_grows_past_the_start(tmp_path: Path, store: StateStore, db_url: str) -> None:
     from dicom_assets.devpacs import DevPacs
 
@@ -43,12 +53,7 @@ def test_over_a_20ms_round_trip_the_count_grows_past_the_start(tmp_path: Path, s
     ) as pacs, DelayProxy(("127.0.0.1", pacs.port), delay_s=ONE_WAY_S) as there:
         settings = make_settings(tmp_path, there.port, receiver_port, db_url, max_concurrent_associations=8,
                                  start_concurrent_associations=2)
-        key = pacs_key("127.0.0.1", there.port, "DEVPACS")
-        client = PacsClient(settings.pacs, DatabaseBudget(store, key, 700))
-        discover_patients(client, store, lambda ds: True)
-        discover_studies(client, store, list(ids))
-        discover_series(client, store, list(ids))
-        stats = retrieve_patients(settings, client, store, list(ids))
+        key, stats = _discover_and_retrieve(settings, store, there.port, ids)
         peak_to_pacs = there.stats()["peak_active"]
     assert stats.count("complete") == len(cohort.series)
     assert stats.concurrency is not None
@@ -70,12 +75,7 @@ def test_a_pacs_that_answers_a702_above_two_retrieves_gets_fewer(tmp_path: Path,
                  max_retrieves_at_once=2) as pacs, DelayProxy(("127.0.0.1", pacs.port), delay_s=ONE_WAY_S) as there:
         settings = make_settings(tmp_path, there.port, receiver_port, db_url, max_concurrent_associations=8,
                                  start_concurrent_associations=4, retry_initial_s=0.2, retry_max_s=1.0, max_attempts=50)
-        key = pacs_key("127.0.0.1", there.port, "DEVPACS")
-        client = PacsClient(settings.pacs, DatabaseBudget(store, key, 700))
-        discover_patients(client, store, lambda ds: True)
-        discover_studies(client, store, list(ids))
-        discover_series(client, store, list(ids))
-        stats = retrieve_patients(settings, client, store, list(ids))
+        key, stats = _discover_and_retrieve(settings, store, there.port, ids)
         refused = pacs.refused_busy
     assert refused >= 1, "the PACS never refused: the test tested nothing"
     assert stats.count("complete") == len(cohort.series)  # refusals cost time, not series

@@ -6,7 +6,6 @@ zip. Run records are read through Dagster's public API."""
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import pytest
 import yaml
 
 from dicom_assets.layout import archive_name, patient_key
-from dicom_assets_tests.conftest import free_port
+from dicom_assets_tests.conftest import free_port, stop_process_group
 from dicom_assets_tests.pacs_fixtures import small_cohort
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,11 +111,6 @@ def test_one_launched_discovery_ends_with_every_patient_zipped_under_the_daemon(
             assert sorted(p.name for p in archives.glob("*.zip")) == sorted(
                 archive_name(p, "__seriesCount", 3 if p == PATIENTS[1] else 2) for p in PATIENTS)
         finally:
-            os.killpg(daemon.pid, signal.SIGTERM)
-            try:
-                daemon.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(daemon.pid, signal.SIGKILL)
-                daemon.wait()
+            stop_process_group(daemon, 60)
     with capsys.disabled():
         print(f"\nunder dagster-daemon alone: launch -> every patient zipped {first_s:.0f} s; new series -> zip rebuilt {second_s:.0f} s")

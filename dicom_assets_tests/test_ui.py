@@ -8,7 +8,6 @@ in Debian's Chromium through Selenium and Debian's chromedriver, and saves a scr
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from dicom_assets_tests.conftest import free_port, require_service
+from dicom_assets_tests.conftest import free_port, require_service, stop_process_group
 from dicom_assets_tests.test_definitions import ASSET_KEYS
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -50,11 +49,7 @@ def dagster_ui(tmp_path: Path):
         assert up, (tmp_path / "dev.log").read_text()[-3000:]
         yield f"http://127.0.0.1:{port}"
     finally:
-        os.killpg(child.pid, signal.SIGTERM)
-        try:
-            child.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(child.pid, signal.SIGKILL)
+        stop_process_group(child, 30)
         log.close()
 
 

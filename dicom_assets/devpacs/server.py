@@ -458,8 +458,7 @@ class DevPacs:
             return
         yield (*destination, {"contexts": _move_contexts(instances, self.transcode_to_explicit)})
         if not self._begin_retrieve():
-            yield 1
-            yield OUT_OF_RESOURCES_SUB_OPERATIONS, None
+            yield from _refused_busy()
             return
         try:
             yield len(instances)
@@ -480,8 +479,7 @@ class DevPacs:
             yield exc.status, None
             return
         if not self._begin_retrieve():
-            yield 1
-            yield OUT_OF_RESOURCES_SUB_OPERATIONS, None
+            yield from _refused_busy()
             return
         try:
             yield len(instances)
@@ -547,6 +545,12 @@ class DevPacs:
 
 #: Refused: Out of Resources - Unable to perform sub-operations (PS3.4 C.4.2.1.5).
 OUT_OF_RESOURCES_SUB_OPERATIONS = 0xA702
+
+
+def _refused_busy() -> Iterator[Any]:
+    """A C-MOVE/C-GET handler's answer "out of resources": one failed sub-operation, 0xA702."""
+    yield 1
+    yield OUT_OF_RESOURCES_SUB_OPERATIONS, None
 
 
 def _unable_to_process(comment: str) -> Dataset:

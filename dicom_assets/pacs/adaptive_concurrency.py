@@ -57,7 +57,7 @@ class ConcurrencyPolicy:
     """How the count moves: between 1 and ``ceiling``, one decision per epoch."""
 
     ceiling: int
-    start: int = 4  # half the default ceiling: a short cohort over a WAN must not spend its time ramping
+    start: int = 2  # what retrieval ran with before it adapted; more only once more pays
     epoch_s: float = 1.0
     warmup_s: float = 0.3  # not measured after a change: the new associations are being set up (~6 round trips)
     reprobe_after_epochs: int = 15

@@ -186,6 +186,7 @@ class DatabaseBudget:
         self.total = 0
         self.waits = 0
         self.waited_s = 0.0
+        self.resets_noted = 0  # resets/aborts this process reported (adaptive concurrency's clean epochs)
 
     @property
     def enforced_window_s(self) -> float:
@@ -210,6 +211,8 @@ class DatabaseBudget:
 
     def note_reset(self) -> None:
         """The PACS reset or aborted an association: every worker on this state DB slows down."""
+        with self._lock:
+            self.resets_noted += 1
         if self.policy is None:
             return
         limit = self.store.note_pacs_reset(self.pacs_key, self.policy)

@@ -137,6 +137,7 @@ class RetrieveGate:
     def start(self) -> "RetrieveGate":
         if self.adaptive:
             self._free_dead_slots()
+            self._write(self.probe.limit)  # in the PACS's row from the start: a reset cuts it at once
             self._monitor = threading.Thread(target=self._run, name="concurrency", daemon=True)
             self._monitor.start()
         return self
