@@ -31,7 +31,7 @@ e2. de-identification (``benchmarks/deidentify.py``): 300 CT instances of 0.5 MB
 f. ``results.md`` (targets table first), ``results.json`` and ``results.png`` next to ``--out``.
 
 ``--quick`` is a smoke run (a 3 MB cohort, default association counts only, the WAN section's
-DCMTK, default and WADO-RS default rows only, discovery over 20 patients, a 50-row request file,
+DCMTK and default rows only, discovery over 20 patients, a 50-row request file,
 no scale): it proves the harness works, its figures mean nothing. A variant that fails or misses an instance is reported as such in the table and makes
 the exit status 1.
 """

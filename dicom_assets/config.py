@@ -295,6 +295,9 @@ class ScheduleSettings(_Section):
     retrieval: str = "0 * * * *"  # hourly: the per-patient pipeline over every patient
     inventory: str = "30 6 * * *"  # daily: the inventory CSV
     timezone: str = "UTC"
+    #: Seconds between two looks of the ``new_patient_work`` sensor: how soon after discovery
+    #: finds new work a pipeline run starts (each look reads the state DB and the run list only).
+    new_work_check_s: int = Field(30, ge=5, le=3600)
 
     @field_validator("discovery", "retrieval", "inventory")
     @classmethod

@@ -67,6 +67,9 @@ def test_quick_benchmark_writes_every_section_and_every_variant_gets_every_insta
     assert discovery["status"] == "ok", discovery["reason"]
     assert discovery["figures"]["patients"] == 20
     assert 0 < discovery["figures"]["second_requests"] < discovery["figures"]["first_requests"]
+    wan_rows = {row["key"]: row for row in results["wan"]["figures"]["rows"]}
+    assert set(wan_rows) == {"dcmtk-move", "project-default"}, results["wan"]  # over the delay proxies
+    assert all(row["complete"] and row["instances"] == 24 for row in wan_rows.values()), wan_rows
     assert results["scale"]["status"] == "not run"
     if results.get("chart"):  # matplotlib is a `bench` extra, absent under plain `make test`
         assert out.with_suffix(".png").stat().st_size > 0

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 PATIENTS = ("DAEMON-1", "DAEMON-2", "DAEMON-3")
 NEVER = "0 0 1 1 *"  # the schedules would fire on 1 January only: nothing here waits for them
+CHECK_S = 5  # schedules.new_work_check_s: the sensor looks every 5 s (30 s by default)
 
 
 def _wait_for(what: str, done: Callable[[], bool], daemon: subprocess.Popen, log: Path, timeout_s: float = 240) -> float:
@@ -70,7 +71,7 @@ def test_one_launched_discovery_ends_with_every_patient_zipped_under_the_daemon(
             "receiver": {"ae_title": "DICOM_ASSETS", "bind_address": "127.0.0.1", "port": receiver_port},
             "paths": {"download_dir": str(tmp_path / "downloads"), "archive_dir": str(archives), "report_dir": str(reports)},
             "database": {"url": state_pg_url},
-            "schedules": {"discovery": NEVER, "retrieval": NEVER, "inventory": NEVER},
+            "schedules": {"discovery": NEVER, "retrieval": NEVER, "inventory": NEVER, "new_work_check_s": CHECK_S},
         }))  # fmt: skip
         with open(log, "wb") as out:
             daemon = subprocess.Popen([str(BIN / "dagster-daemon"), "run", "-w", "workspace.yaml"], cwd=ROOT, env=env,
@@ -97,12 +98,13 @@ def test_one_launched_discovery_ends_with_every_patient_zipped_under_the_daemon(
                 # A series is added on the PACS; one more discovery, and the zip is rebuilt by itself.
                 add_series(tmp_path / "pacs", PATIENTS[1], slices=3, rows=32, columns=32)
                 _launch_discovery(env)
-                second_s = _wait_for("the zip rebuilt with the new series", zipped(3, PATIENTS[1:2]), daemon, log)
-                assert not (archives / archive_name(PATIENTS[1], "__seriesCount", 2)).exists()  # superseded, removed
+                superseded = archives / archive_name(PATIENTS[1], "__seriesCount", 2)
+                second_s = _wait_for("the zip rebuilt with the new series, the old one removed",
+                                     lambda: zipped(3, PATIENTS[1:2])() and not superseded.exists(), daemon, log)  # fmt: skip
                 _wait_for("the runs ended", lambda: not instance.get_runs(
                     filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED])),
                     daemon, log)  # fmt: skip
-                time.sleep(35)  # one more sensor interval: nothing is asked for twice
+                time.sleep(3 * CHECK_S)  # more sensor looks: nothing is asked for twice
                 runs = _runs_by_origin(instance)
                 assert len(runs["launched:discover_patients"]) == 2
                 assert len(runs["new_patient_work:patient_pipeline"]) == 2, runs

@@ -78,7 +78,7 @@ class QuietPacs:
         conn.settimeout(30)
         with conn:
             try:
-                request = ul.read_association_request(conn)
+                request, _raw = ul.read_association_request(conn)
                 assoc = ul.accept(conn, request, [build_context(MOVE, [EXPLICIT_LE, "1.2.840.10008.1.2"])])
                 for context_id, command, _identifier in assoc.messages(lambda cx, cmd: CollectedDataset()):
                     self._move(assoc, context_id, command)

@@ -105,3 +105,26 @@ def test_command_set_round_trip() -> None:
     assert command.elements[0x00000600] == b"DEST" and command.ushort(0x00000000) is not None
     with pytest.raises(ul.ProtocolError):
         ul.decode_command(raw[:-2])
+
+
+def test_a_repeated_association_request_is_answered_from_the_cache(tmp_path: Path, instance) -> None:
+    """A PACS opens one association per C-MOVE with the very same request: the second is
+    answered with the first's negotiation, and instances still land; a rejected request is
+    never kept (it would skip the AE title check)."""
+    series, ds, body = instance
+    with StorageReceiver("DICOM_ASSETS", "127.0.0.1", free_port(), tmp_path / "downloads", ["DEVPACS"]) as receiver:
+        receiver.sink.expect("P1", series.study_instance_uid, series.series_instance_uid)
+        with pytest.raises(AssociationRejected):
+            _open(receiver.port, called="SOMEONE_ELSE")
+        assert len(receiver._requests._requests) == 0
+        contexts = []
+        for _ in range(2):
+            assoc = _open(receiver.port)
+            contexts.append({cx: str(c.transfer_syntax[0]) for cx, c in assoc._assoc.contexts.items()})
+            send_c_store(assoc, str(ds.SOPInstanceUID), body, 1 << 20)
+            assert _status(assoc) == STATUS_SUCCESS
+            assoc.release()
+        kept = list(receiver._requests._requests.values())
+        assert len(kept) == 1 and kept[0].answer is not None  # one request, answered once, reused
+    assert contexts[0] == contexts[1] == {1: EXPLICIT_LE}
+    assert [p.name for p in (tmp_path / "downloads").rglob("*.dcm")] == [f"{ds.SOPInstanceUID}.dcm"]

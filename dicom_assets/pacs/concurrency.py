@@ -160,7 +160,7 @@ class RetrieveGate:
                 self._instances, self._seconds = 0, 0.0
                 start_limit = self.probe.limit
             start_bytes, start_time, start_faults, start_cuts = self.meter.total, self.clock(), self.faults(), self.cuts
-            if self._wait(self.policy.epoch_s):
+            if self._wait(self.policy.epoch_length(self.probe)):
                 return
             with self._cond:
                 # Judged only when every allowed worker retrieved through the whole epoch and the

@@ -376,6 +376,7 @@ class StorageReceiver:
         self._allowed = [t.strip() for t in allowed_ae_titles] if allowed_ae_titles else None
         self._allowed_hosts = frozenset(_normalise_ip(h) for h in allowed_hosts) if allowed_hosts else None
         self._contexts = receiver_contexts()
+        self._requests = ul.AssociationCache()  # the PACS's requests, answered once (one per series)
         self._listener: socket.socket | None = None
         self._connections: set[socket.socket] = set()
         self._threads: list[threading.Thread] = []
@@ -450,10 +451,11 @@ class StorageReceiver:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn.settimeout(NETWORK_TIMEOUT_S)
         try:
-            request = ul.read_association_request(conn)
+            request, raw = ul.read_association_request(conn, self._requests)
             if not self._acceptable(conn, request, address):
                 return
             assoc = ul.accept(conn, request, self._contexts)
+            self._requests.keep(raw, request)
             self._exchange(assoc, f"{request.calling_ae_title}@{address[0]}")
         except ul.ProtocolError as exc:
             log.warning("aborting the association from %s: %s", address[0], exc)

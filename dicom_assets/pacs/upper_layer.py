@@ -286,33 +286,65 @@ class DatasetSink(Protocol):
     def abort(self) -> None: ...
 
 
-@dataclass(frozen=True)
+@dataclass
 class AssociationRequest:
     called_ae_title: str
     calling_ae_title: str
     peer_max_pdu: int
     primitive: A_ASSOCIATE
+    #: The answer :func:`accept` built for this very request: (A-ASSOCIATE-AC bytes, accepted
+    #: contexts by ID). Kept with the request in an :class:`AssociationCache`.
+    answer: tuple[bytes, dict[int, PresentationContext]] | None = None
 
 
-def read_association_request(sock: socket.socket) -> AssociationRequest:
-    """Read the A-ASSOCIATE-RQ that opens a connection."""
+class AssociationCache:
+    """Requests and their answers by the exact bytes of the A-ASSOCIATE-RQ.
+
+    A PACS sending a C-MOVE's instances opens a new association for every series, each time
+    with the same request (same AE titles, same hundred-odd presentation contexts). Decoding it
+    and negotiating the contexts through pynetdicom's objects took 15-25 ms of Python per
+    series, between the PACS's C-MOVE and its first instance; the same bytes get the same
+    answer, so it is built once. Only accepted requests are kept, at most ``size`` of them.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self._requests: dict[bytes, AssociationRequest] = {}
+
+    def get(self, raw: bytes) -> AssociationRequest | None:
+        return self._requests.get(raw)
+
+    def keep(self, raw: bytes, request: AssociationRequest) -> None:
+        if len(self._requests) >= self.size:
+            self._requests.pop(next(iter(self._requests)))
+        self._requests[raw] = request
+
+
+def read_association_request(sock: socket.socket, cache: AssociationCache | None = None) -> tuple[AssociationRequest, bytes]:
+    """Read the A-ASSOCIATE-RQ that opens a connection: the request, and its bytes (the key of
+    ``cache``, where an identical request earlier was kept with its answer)."""
     header = recv_exact(sock, 6)
     pdu_type, length = _HEADER.unpack(header)
     if pdu_type != ASSOCIATE_RQ or length > MAX_ASSOCIATE_PDU:
         raise ProtocolError(f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x} of {length} bytes")
+    raw = header + recv_exact(sock, length)
+    known = cache.get(raw) if cache is not None else None
+    if known is not None:
+        return known, raw
     pdu = A_ASSOCIATE_RQ()
-    pdu.decode(header + recv_exact(sock, length))
+    pdu.decode(raw)
     primitive = pdu.to_primitive()
     max_pdu = 0
     for item in primitive.user_information:
         if isinstance(item, MaximumLengthNotification):
             max_pdu = int(item.maximum_length_received or 0)
-    return AssociationRequest(
+    request = AssociationRequest(
         called_ae_title=str(primitive.called_ae_title).strip(),
         calling_ae_title=str(primitive.calling_ae_title).strip(),
         peer_max_pdu=max_pdu,
         primitive=primitive,
     )
+    return request, raw
 
 
 def reject(sock: socket.socket, reason: int) -> None:
@@ -325,7 +357,17 @@ def reject(sock: socket.socket, reason: int) -> None:
 
 
 def accept(sock: socket.socket, request: AssociationRequest, supported: list[PresentationContext]) -> Association:
-    """Negotiate the presentation contexts and send the A-ASSOCIATE-AC."""
+    """Negotiate the presentation contexts and send the A-ASSOCIATE-AC (the answer is kept on
+    ``request``: a request from an :class:`AssociationCache` is answered without negotiating;
+    ``supported`` must then be what it was the first time, as it is for one receiver)."""
+    if request.answer is None:
+        request.answer = _answer(request, supported)
+    ac, accepted = request.answer
+    sock.sendall(ac)
+    return Association(sock, accepted, request.peer_max_pdu)
+
+
+def _answer(request: AssociationRequest, supported: list[PresentationContext]) -> tuple[bytes, dict[int, PresentationContext]]:
     rq = request.primitive
     results, _roles = negotiate_as_acceptor(rq.presentation_context_definition_list, supported)
     primitive = A_ASSOCIATE()
@@ -343,9 +385,7 @@ def accept(sock: socket.socket, request: AssociationRequest, supported: list[Pre
     primitive.user_information = [max_length, class_uid, version]
     pdu = A_ASSOCIATE_AC()
     pdu.from_primitive(primitive)
-    sock.sendall(pdu.encode())
-    accepted = {cx.context_id: cx for cx in results if cx.result == 0x00}
-    return Association(sock, accepted, request.peer_max_pdu)
+    return pdu.encode(), {cx.context_id: cx for cx in results if cx.result == 0x00}
 
 
 def abort_unaccepted(sock: socket.socket) -> None:

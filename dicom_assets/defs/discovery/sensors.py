@@ -14,8 +14,9 @@ study or series count that changed, a series to fetch. Each tick this sensor
 
 So a change is asked for once: the run stamps its patients when it starts, and what it could not
 finish (the PACS down) waits for the hourly ``retrieval_schedule``, the safety net, rather than
-being asked for on every tick. It reads only the state DB and the instance, never the PACS: a
-tick over 20,000 patients takes well under Dagster's 60 s limit (dicom_assets_tests/test_sensors.py).
+being asked for on every tick. It looks every ``schedules.new_work_check_s`` (30 s) and reads only
+the state DB and the instance, never the PACS: a tick over 20,000 patients takes well under
+Dagster's 60 s limit (dicom_assets_tests/test_sensors.py).
 """
 
 import dagster as dg
@@ -23,14 +24,14 @@ import dagster as dg
 from dicom_assets.defs.jobs import patient_pipeline_job
 from dicom_assets.defs.partitions import PATIENTS_PARTITION_SET, patient_partitions
 from dicom_assets.defs.patient_runs import partitions_in_live_runs, range_tags, ranges_covering
-from dicom_assets.defs.resources import DicomAssetsResource
+from dicom_assets.defs.resources import DicomAssetsResource, schedule_settings
 
 MAX_NEW_PER_TICK = 5_000  # partitions registered per tick; later ticks take the rest
 MAX_WORK_PER_TICK = 50_000  # patients with unseen work read per tick
 WORK_TAG = "dicom_assets/new_work"
 
 
-@dg.sensor(job=patient_pipeline_job, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
+@dg.sensor(job=patient_pipeline_job, minimum_interval_seconds=schedule_settings().new_work_check_s, default_status=dg.DefaultSensorStatus.RUNNING)
 def new_patient_work(context: dg.SensorEvaluationContext, dicom: DicomAssetsResource) -> dg.SensorResult:
     store = dicom.store()
     known = list(context.instance.get_dynamic_partitions(PATIENTS_PARTITION_SET))
