@@ -137,6 +137,14 @@ class RunningChild:
             pass
 
 
+def settle_disk(pause_s: float = 1.0) -> None:
+    """Write back every dirty page (the previous variant's 1 GB of instances and its deletion)
+    and pause, so one variant's writeback does not land in the next one's seconds: without it,
+    DCMTK's movescu+storescp ranged 69-286 MB/s from one run to the next on this machine."""
+    os.sync()
+    time.sleep(pause_s)
+
+
 def start_child(argv: Sequence[str], log_file: Path, env: Mapping[str, str] | None = None, cwd: Path | None = None) -> RunningChild:
     """Start ``argv`` with stdout+stderr to ``log_file``; its CPU and RSS are sampled meanwhile."""
     log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,7 @@ from benchmarks import dcmtk, deidentify, external, machine, report, wan  # noqa
 from benchmarks.archiving import run_archiving  # noqa: E402
 from benchmarks.cohorts import BenchCohorts, Cohort, bench_cohorts  # noqa: E402
 from benchmarks.large_instance import run_large_instance  # noqa: E402
-from benchmarks.measure import environment, run_child  # noqa: E402
+from benchmarks.measure import environment, run_child, settle_disk  # noqa: E402
 from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E402
 from benchmarks.profile import profile_one_association  # noqa: E402
 from benchmarks.project import ProjectVariant, run_project_variant  # noqa: E402
@@ -143,6 +143,7 @@ def _dcmtk_variant(site: Site, cohort: Cohort, base: Path, method: str, nodelay:
     row = RetrievalRow(key, label, "dcmtk", method, assoc, cohort.instances)
 
     def measure() -> RetrievalRow:
+        settle_disk()
         try:
             result = retrieve(site, cohort.series, directory / "received", directory / "logs", nodelay)
         finally:
@@ -158,6 +159,7 @@ def _project_variant(site: Site, cohort: Cohort, base: Path, variant: ProjectVar
     row = RetrievalRow(key, variant.label, "dicom-assets", variant.method, str(variant.associations), cohort.instances)
 
     def measure() -> RetrievalRow:
+        settle_disk()
         try:
             result = run_project_variant(site, variant, directory, pg, "^" + cohort.spec.patient_id_prefix)
         finally:
