@@ -246,7 +246,7 @@ def retrieve_patients(
             if dicomweb:
                 retriever = WadoSeriesRetriever(settings, client, session)  # type: ignore[arg-type]
             else:
-                retriever = SeriesRetriever(settings, client, sink, session)  # type: ignore[arg-type]
+                retriever = SeriesRetriever(settings, client, sink, session, store.known_sop_classes)  # type: ignore[arg-type]
             try:
                 while not stop.is_set():
                     stopping.PROCESS.check()

@@ -25,6 +25,7 @@ from dicom_assets.layout import series_dir
 from dicom_assets.pacs.client import PacsClient
 from dicom_assets.pacs.receiver import InstanceSink
 from dicom_assets.retrieval import retrieve_patients
+from dicom_assets.series_attempt import SeriesRetriever
 from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port, require_service
 from dicom_assets_tests.orthanc import ORTHANC_AET, RECEIVER_AET, running_orthanc
@@ -161,7 +162,54 @@ def test_a_transcoding_pacs_that_names_the_stored_syntax_is_caught(tmp_path: Pat
         discover_studies(client, store, list(cohort.patients))
         discover_series(client, store, list(cohort.patients))
         stats = retrieve_patients(settings, client, store, list(cohort.patients))
-    rows = store.instances_of(s.series_instance_uid)
+        rows = store.instances_of(s.series_instance_uid)
+        # The whole series, its count and classes known (SOPClassesInStudy): no IMAGE-level
+        # C-FIND, so what the PACS stores is not recorded; it arrived as stored all the same.
+        assert [o.status for o in stats.outcomes] == ["complete"]
+        assert {(r["transfer_syntax_uid"], r["stored_transfer_syntax_uid"]) for r in rows} == {(rle, None)}
+        # A partial series is listed: the missing instance arrives as stored and both are known.
+        directory = series_dir(settings.paths.download_dir, s.patient_id, s.study_instance_uid, s.series_instance_uid)
+        missing = sorted(s.sop_instance_uids)[0]
+        (directory / f"{missing}.dcm").unlink()
+        receiver_sink = InstanceSink(settings.paths.download_dir)
+        with client.session(sink=receiver_sink) as session:
+            retriever = SeriesRetriever(settings, client, receiver_sink, session, store.known_sop_classes)
+            outcome, expected = retriever.retrieve(store.get_series(s.series_instance_uid))  # type: ignore[arg-type]
+    store.dispose()
+    assert (outcome.status, expected, outcome.new_instances) == ("complete", 3, 1)
+    assert {uid: syntax for uid, (_c, syntax, _n) in outcome.arrived.items()} == {missing: rle}
+    assert outcome.stored_syntaxes == {uid: rle for uid in s.sop_instance_uids}
+
+
+def test_a_cget_whose_known_classes_miss_one_lists_the_series_on_the_retry(tmp_path: Path, pg_url: str) -> None:
+    """C-GET of a whole series proposes the classes the state DB knows (SOPClassesInStudy)
+    without an IMAGE-level C-FIND. When that list is wrong (here: MR for a CT series), the PACS
+    cannot send, the attempt ends incomplete and the retry lists the instances: complete in the
+    same run, one attempt counted."""
+    import sqlalchemy as sa
+
+    from dicom_assets.devpacs import DevPacs
+    from dicom_assets.store import tables as t
+
+    spec = CohortSpec(patients=1, studies_per_patient=1, series_per_study=1, slices_per_series=3, rows=32, columns=32,
+                      patient_id_prefix="STALE", seed=9)  # fmt: skip
+    cohort = generate_cohort(tmp_path / "pacs", spec)
+    s = cohort.series[0]
+    with DevPacs(tmp_path / "pacs") as pacs:
+        settings = make_settings(tmp_path, pacs.port, free_port(), pg_url, retrieve_method="c-get", retry_initial_s=0.2)
+        client = PacsClient(settings.pacs)
+        store = StateStore(pg_url)
+        store.create_schema()
+        discover_patients(client, store, lambda ds: True)
+        discover_studies(client, store, list(cohort.patients))
+        discover_series(client, store, list(cohort.patients))
+        assert store.known_sop_classes(s.series_instance_uid) == ("1.2.840.10008.5.1.4.1.1.2",)  # CT, from the study
+        with store.engine.begin() as conn:
+            conn.execute(sa.update(t.studies).values(sop_classes_in_study="1.2.840.10008.5.1.4.1.1.4"))  # MR: wrong
+        stats = retrieve_patients(settings, client, store, list(cohort.patients))
+        state = store.get_series(s.series_instance_uid)
     store.dispose()
     assert [o.status for o in stats.outcomes] == ["complete"]
-    assert {(r["transfer_syntax_uid"], r["stored_transfer_syntax_uid"]) for r in rows} == {(rle, rle)}
+    assert state is not None and (state.download_status, state.downloaded_instances, state.attempts) == ("complete", 3, 1)
+    directory = series_dir(settings.paths.download_dir, s.patient_id, s.study_instance_uid, s.series_instance_uid)
+    assert sorted(p.stem for p in directory.glob("*.dcm")) == sorted(s.sop_instance_uids)

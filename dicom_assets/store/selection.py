@@ -93,6 +93,22 @@ class SeriesSelectionQueries(StoreBase):
                 conn.execute(stmt, chunk)
         return len(items)
 
+    def known_sop_classes(self, series_uid: str) -> tuple[str, ...] | None:
+        """The SOP classes a series' instances can have, as far as the state DB knows without
+        asking the PACS: the series' own list (IMAGE level, when the filters needed it), else its
+        study's SOPClassesInStudy (a superset), else None. Empty lists count as unknown."""
+        se, st = t.series.c, t.studies.c
+        query = (
+            sa.select(se.sop_classes, st.sop_classes_in_study)
+            .select_from(t.series.join(t.studies, se.study_instance_uid == st.study_instance_uid))
+            .where(se.series_instance_uid == series_uid)
+        )
+        with self._read() as conn:
+            row = conn.execute(query).first()
+        if row is None:
+            return None
+        return split_sop_classes(row[0]) or split_sop_classes(row[1]) or None
+
     def apply_series_skips(self, decisions: Mapping[str, str | None]) -> SkipCounts:
         """Apply the selection's decisions: SeriesInstanceUID -> skip reason, or None to fetch it.
 
