@@ -58,6 +58,10 @@ from dicom_assets.store import SeriesState, StateStore
 log = logging.getLogger("dicom_assets.retrieval")
 
 CLAIM_LEASE_S = 600.0
+#: Patients per claim query. A run's patients go to the state DB with every claim; for 20,000
+#: (one run over a whole cohort) that cost ~6 ms of the claim's 8-11 ms (the ID list parsed
+#: and searched as an index condition), for 500 well under 1 ms. Production runs hold 200.
+CLAIM_BLOCK = 500
 
 
 class DownloadDirError(RuntimeError):
@@ -140,6 +144,8 @@ class RunClaims:
     Claims go in patient order and resume at the patient of the previous claim, so a claim does
     not re-read the run's earlier failures; only when nothing is left from there on does it look
     again from the first patient (a series behind may have become claimable: an expired claim).
+    A run of more than :data:`CLAIM_BLOCK` patients claims block by block (in the order given),
+    the same way inside each block, and looks at every block before it says nothing is left.
     """
 
     def __init__(self, store: StateStore, patient_ids: Sequence[str], max_attempts: int) -> None:
@@ -147,22 +153,35 @@ class RunClaims:
         self.patient_ids = list(dict.fromkeys(patient_ids))
         self.max_attempts = max_attempts
         self.run_id = uuid.uuid4().hex
+        self._blocks = [self.patient_ids[i : i + CLAIM_BLOCK] for i in range(0, len(self.patient_ids), CLAIM_BLOCK)] or [[]]
+        self._block = 0
         self._resume_at: str | None = None
         self._lock = threading.Lock()
 
     def next(self, worker: str) -> SeriesState | None:
         """Claim the next series for ``worker``, or None when the run has nothing left."""
         with self._lock:
-            series = self._claim(worker, self._resume_at)
-            if series is None and self._resume_at is not None:
-                series = self._claim(worker, None)
+            series = self._claim(worker, self._blocks[self._block], self._resume_at)
+            if series is None:
+                series = self._next_block(worker, again_from_start=self._resume_at is not None)
             if series is not None:
                 self._resume_at = series.patient_id
             return series
 
-    def _claim(self, worker: str, from_patient: str | None) -> SeriesState | None:
+    def _next_block(self, worker: str, again_from_start: bool) -> SeriesState | None:
+        """The following blocks from their start, then this one again from its start."""
+        n = len(self._blocks)
+        for step in range(1, n + 1 if again_from_start else n):
+            index = (self._block + step) % n
+            series = self._claim(worker, self._blocks[index], None)
+            if series is not None:
+                self._block = index
+                return series
+        return None
+
+    def _claim(self, worker: str, patient_ids: list[str], from_patient: str | None) -> SeriesState | None:
         return self.store.claim_next_series(
-            self.patient_ids, worker, CLAIM_LEASE_S, run_id=self.run_id, max_attempts=self.max_attempts,
+            patient_ids, worker, CLAIM_LEASE_S, run_id=self.run_id, max_attempts=self.max_attempts,
             from_patient=from_patient,
         )  # fmt: skip
 

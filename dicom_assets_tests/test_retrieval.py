@@ -140,3 +140,33 @@ def test_claims_of_a_killed_process_are_released_at_once(world) -> None:
     assert release_dead_claims(store) == 1
     assert store.get_series(claimed.series_instance_uid).download_status == "incomplete"
     assert store.get_series(alive.series_instance_uid).download_status == "in_progress"
+
+
+def test_a_run_over_more_patients_than_a_claim_block_claims_every_series_once(store: StateStore) -> None:
+    """A run of 1,250 patients claims in blocks of 500, in the run's order: every series once,
+    then nothing; a series another run held when this one passed its block (and then gave
+    back) is found again before the run says it is done."""
+    from dicom_assets.retrieval import CLAIM_BLOCK, RunClaims
+    from dicom_assets.store.records import PatientRecord, SeriesRecord, StudyRecord
+
+    ids = [f"BLK{n:05d}" for n in range(1250)]
+    store.upsert_patients([PatientRecord(p) for p in ids])
+    store.upsert_studies([StudyRecord(f"1.2.9.{n}", p) for n, p in enumerate(ids)])
+    store.upsert_series([SeriesRecord(f"1.2.9.{n}.1", f"1.2.9.{n}", p, expected_instances=1) for n, p in enumerate(ids)])
+    held = store.claim_next_series([ids[-5]], "another-run", lease_s=600)  # in this run's first block
+    assert held is not None
+    claims = RunClaims(store, list(reversed(ids)), max_attempts=3)
+    assert [len(b) for b in claims._blocks] == [CLAIM_BLOCK, CLAIM_BLOCK, 250]
+    claimed = []
+    for _ in range(1249):
+        series = claims.next("w")
+        assert series is not None
+        claimed.append(series.patient_id)
+        store.finish_series(series.series_instance_uid, "w", "complete", 1, 1)
+    assert set(claimed[:499]) == set(ids[750:]) - {ids[-5]}  # the first block: the run's first 500 patients
+    assert store.release_claim(held.series_instance_uid, "another-run", "stopped")  # the other run gives it back
+    last = claims.next("w")  # the first block, looked at again
+    assert last is not None and last.series_instance_uid == held.series_instance_uid
+    store.finish_series(last.series_instance_uid, "w", "complete", 1, 1)
+    assert claims.next("w") is None
+    assert sorted(claimed + [last.patient_id]) == sorted(ids)
