@@ -67,6 +67,8 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 SECTIONS = ("retrieval", "wan", "archiving", "large-instance", "discovery", "request-file", "scale", "deidentify")
 #: Sections run by benchmarks/external.py: --skip name -> its name there (and key in results.json).
 EXTERNAL_SECTIONS = {"discovery": "discovery", "request-file": "request_file", "scale": "scale"}
+#: Seconds of pause after ``sync`` before each retrieval variant (0 in ``--quick``: 3 MB).
+SETTLE_S = 1.0
 #: Association counts tried besides the default, to find the project's best setting.
 OTHER_ASSOCIATIONS = (1, 2, 4)  # fixed counts (adaptive off) next to the adaptive default
 #: The project's retrieve methods: DIMSE C-MOVE and C-GET, and WADO-RS (pacs.protocol: dicomweb).
@@ -143,7 +145,7 @@ def _dcmtk_variant(site: Site, cohort: Cohort, base: Path, method: str, nodelay:
     row = RetrievalRow(key, label, "dcmtk", method, assoc, cohort.instances)
 
     def measure() -> RetrievalRow:
-        settle_disk()
+        settle_disk(SETTLE_S)
         try:
             result = retrieve(site, cohort.series, directory / "received", directory / "logs", nodelay)
         finally:
@@ -159,7 +161,7 @@ def _project_variant(site: Site, cohort: Cohort, base: Path, variant: ProjectVar
     row = RetrievalRow(key, variant.label, "dicom-assets", variant.method, str(variant.associations), cohort.instances)
 
     def measure() -> RetrievalRow:
-        settle_disk()
+        settle_disk(SETTLE_S)
         try:
             result = run_project_variant(site, variant, directory, pg, "^" + cohort.spec.patient_id_prefix)
         finally:
@@ -319,6 +321,8 @@ def _deidentify(work_dir: Path, run_dir: Path, quick: bool, failures: list[str],
 
 
 def run(args: argparse.Namespace) -> int:
+    global SETTLE_S
+    SETTLE_S = 0.0 if args.quick else SETTLE_S
     log = Progress()
     work_dir = args.work_dir.resolve()
     run_dir = work_dir / "last-run"
