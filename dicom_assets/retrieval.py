@@ -193,7 +193,8 @@ def retrieve_gate(settings: Settings, client: PacsClient, store: StateStore) -> 
     p = settings.pacs
     policy = ConcurrencyPolicy(ceiling=p.max_concurrent_associations, start=p.start_concurrent_associations)
     return RetrieveGate(policy, p.adaptive_concurrency, store, getattr(client.budget, "pacs_key", None),
-                        faults=lambda: client.outage.faults + getattr(client.budget, "resets_noted", 0))
+                        faults=lambda: client.outage.faults + getattr(client.budget, "resets_noted", 0),
+                        association_open_s=lambda: getattr(client, "association_open_s", None))
 
 
 def check_download_dir(download_dir: Path) -> None:

@@ -77,3 +77,10 @@ def test_the_shared_count_of_earlier_runs_is_the_start_within_the_ceiling() -> N
 def test_a_reset_halves_but_not_below_two_a_refusal_goes_down_to_one() -> None:
     assert [reset_cut(n) for n in (8, 5, 3, 2, 1)] == [4, 2, 2, 2, 1]  # a flaky link is not cured by fewer
     assert [ConcurrencyPolicy(ceiling=8).cut(n) for n in (8, 3, 2, 1)] == [4, 1, 1, 1]  # A7xx: the PACS said so
+
+
+def test_the_warm_up_after_a_change_scales_with_how_far_the_pacs_is() -> None:
+    """Not judged before the new associations' bytes flow: 3x an association's set-up (about two
+    round trips), at least 0.15 s (loopback, or not known yet), at most 2 s."""
+    policy = ConcurrencyPolicy(ceiling=8)
+    assert [round(policy.warmup(s), 3) for s in (None, 0.001, 0.04, 0.2, 5.0)] == [0.15, 0.15, 0.15, 0.6, 2.0]

@@ -6,7 +6,7 @@ instance) and the throughput grows with the number of associations until the lin
 our CPU is full. On loopback it does not grow at all past two. Nobody can know the right count
 for their site in advance, and too many make a PACS answer A7xx/C0xx or reset.
 
-So the count is probed, like TCP's congestion window, one epoch (a second of transfer, 0.3 s
+So the count is probed, like TCP's congestion window, one epoch (a second of transfer, 0.2 s
 while doubling) at a time:
 
 * **grow while it pays**: from the starting count, double while each step brings at least a
@@ -61,16 +61,28 @@ class ConcurrencyPolicy:
     epoch_s: float = 1.0
     #: Epochs while doubling are shorter: the ramp to a WAN's count costs two or three of them at
     #: a fraction of the throughput, and a doubling's gain (about 2x) stands well above the noise
-    #: of 0.3 s of transfer (some 10 MB at 2 associations over 20 ms). The WAN benchmark: defaults
-    #: 0.88x of fixed 8 with 0.5 s, 0.91x with 0.3 s (1.09 GB over 20 ms).
-    slow_start_epoch_s: float = 0.3
-    warmup_s: float = 0.2  # not measured after a change: the new associations are being set up (~6 round trips)
+    #: of 0.2 s of transfer (some 6 MB at 2 associations over 20 ms). The WAN benchmark (1.09 GB
+    #: over 20 ms): defaults 0.88x of fixed 8 with 0.5 s, 0.89-0.91x with 0.3 s.
+    slow_start_epoch_s: float = 0.2
+    #: Not measured after a change: the new associations are being set up (TCP, A-ASSOCIATE,
+    #: the C-MOVE, the PACS's association back, the first instance: ~6 round trips). At least
+    #: ``warmup_s``; ``warmup_per_open`` times the time an association takes to open (about two
+    #: round trips) when that is known, so a far PACS is not judged before its bytes flow; at most
+    #: ``max_warmup_s``.
+    warmup_s: float = 0.15
+    warmup_per_open: float = 3.0
+    max_warmup_s: float = 2.0
     reprobe_after_epochs: int = 15
     latency_factor: float = 3.0
     #: Share of the proportional gain a larger count must bring to be kept (0.25: doubling from
     #: 4 to 8 must give 1.25x the throughput; a link that is filling up gives less than 2x, and
     #: noise between epochs is some 10 %).
     gain_share: float = 0.25
+
+    def warmup(self, association_open_s: float | None) -> float:
+        """Seconds not measured after a change of the count."""
+        scaled = self.warmup_per_open * association_open_s if association_open_s else 0.0
+        return min(self.max_warmup_s, max(self.warmup_s, scaled))
 
     def epoch_length(self, probe: Probe) -> float:
         """Seconds of the next epoch: short while doubling, then ``epoch_s``."""

@@ -14,9 +14,11 @@ truncated and split by StudyDate (then StudyTime) ranges until every part is bel
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import date, timedelta
@@ -156,6 +158,16 @@ class PacsClient:
         self.outage = OutageClock(settings.wait_for_pacs_s)
         self._empty_move_failures = 0
         self._empty_lock = threading.Lock()
+        self._opened_s: collections.deque[float] = collections.deque(maxlen=8)
+
+    def note_association_opened(self, seconds: float) -> None:
+        self._opened_s.append(seconds)
+
+    @property
+    def association_open_s(self) -> float | None:
+        """The quickest of the last few association set-ups (TCP connect and A-ASSOCIATE: about
+        two round trips), or None before the first: how far away the PACS is."""
+        return min(self._opened_s, default=None)
 
     def backoff(self) -> Backoff:
         """Exponential backoff with jitter: initial * 2^n + U(0, initial), at most retry_max_s."""
@@ -232,9 +244,11 @@ class PacsSession:
         self._take_token("associate")
         stopping.PROCESS.check()
         try:
+            started = time.monotonic()
             assoc = RequestorAssociation.open(
                 (s.host, s.port), s.calling_ae_title, s.called_ae_title, contexts, roles, timeout_s=s.timeout_s
             )
+            self.client.note_association_opened(time.monotonic() - started)
         except (OSError, RuntimeError, ValueError) as exc:
             reset = isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
             if reset:

@@ -55,6 +55,7 @@ class RetrieveGate:
         meter: ByteMeter = RECEIVED,
         clock: Callable[[], float] = time.monotonic,
         faults: Callable[[], int] = lambda: 0,
+        association_open_s: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.policy = policy
         self.adaptive = adaptive
@@ -63,6 +64,7 @@ class RetrieveGate:
         self.meter = meter
         self.clock = clock
         self.faults = faults  # connection faults seen so far: an epoch with one is not judged
+        self.association_open_s = association_open_s  # how far away the PACS is (the warm-up scales with it)
         shared = self.store.concurrency_limit(pacs_key) if self.store is not None else None  # type: ignore[arg-type]
         self.probe: Probe = policy.first(shared) if adaptive else Probe(limit=policy.ceiling, base_limit=policy.ceiling)
         self.peak = self.probe.limit
@@ -145,7 +147,7 @@ class RetrieveGate:
     def stop(self) -> ConcurrencyReport:
         self.finish()
         if self._monitor is not None:
-            self._monitor.join(timeout=(self.policy.epoch_s + self.policy.warmup_s) * 3)
+            self._monitor.join(timeout=(self.policy.epoch_s + self.policy.max_warmup_s) * 3)
         return ConcurrencyReport(final=self.probe.limit, peak=self.peak, cuts=self.cuts, epochs=self.epochs)
 
     def _run(self) -> None:
@@ -153,7 +155,7 @@ class RetrieveGate:
         ``warmup_s`` are not measured: new associations are still being set up."""
         changed = True
         while True:
-            if changed and self._wait(self.policy.warmup_s):
+            if changed and self._wait(self.policy.warmup(self.association_open_s())):
                 return
             with self._cond:
                 self._left_in_epoch = False
