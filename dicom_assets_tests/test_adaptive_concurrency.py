@@ -80,7 +80,7 @@ def test_a_reset_halves_but_not_below_two_a_refusal_goes_down_to_one() -> None:
 
 
 def test_the_warm_up_after_a_change_scales_with_how_far_the_pacs_is() -> None:
-    """Not judged before the new associations' bytes flow: 3x an association's set-up (about two
-    round trips), at least 0.15 s (loopback, or not known yet), at most 2 s."""
+    """Not judged before the new associations' bytes flow: 6x an association's set-up (about two
+    round trips), at least 0.2 s (loopback, or not known yet), at most 2 s."""
     policy = ConcurrencyPolicy(ceiling=8)
-    assert [round(policy.warmup(s), 3) for s in (None, 0.001, 0.04, 0.2, 5.0)] == [0.15, 0.15, 0.15, 0.6, 2.0]
+    assert [round(policy.warmup(s), 3) for s in (None, 0.001, 0.04, 0.2, 5.0)] == [0.2, 0.2, 0.24, 1.2, 2.0]

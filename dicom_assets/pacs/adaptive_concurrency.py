@@ -6,7 +6,7 @@ instance) and the throughput grows with the number of associations until the lin
 our CPU is full. On loopback it does not grow at all past two. Nobody can know the right count
 for their site in advance, and too many make a PACS answer A7xx/C0xx or reset.
 
-So the count is probed, like TCP's congestion window, one epoch (a second of transfer, 0.2 s
+So the count is probed, like TCP's congestion window, one epoch (a second of transfer, 0.3 s
 while doubling) at a time:
 
 * **grow while it pays**: from the starting count, double while each step brings at least a
@@ -61,16 +61,18 @@ class ConcurrencyPolicy:
     epoch_s: float = 1.0
     #: Epochs while doubling are shorter: the ramp to a WAN's count costs two or three of them at
     #: a fraction of the throughput, and a doubling's gain (about 2x) stands well above the noise
-    #: of 0.2 s of transfer (some 6 MB at 2 associations over 20 ms). The WAN benchmark (1.09 GB
-    #: over 20 ms): defaults 0.88x of fixed 8 with 0.5 s, 0.89-0.91x with 0.3 s.
-    slow_start_epoch_s: float = 0.2
+    #: of 0.3 s of transfer (some 10 MB at 2 associations over 20 ms). The WAN benchmark (1.09 GB
+    #: over 20 ms): defaults 0.88x of fixed 8 with 0.5 s, 0.89-0.91x with 0.3 s; 0.2 s epochs after
+    #: a 0.15 s warm-up judged 8 associations before they all ran and fell back to 4 (0.58x on
+    #: 2.2 GB), so the warm-up is 6x an association's set-up (0.93x on 2.2 GB).
+    slow_start_epoch_s: float = 0.3
     #: Not measured after a change: the new associations are being set up (TCP, A-ASSOCIATE,
     #: the C-MOVE, the PACS's association back, the first instance: ~6 round trips). At least
     #: ``warmup_s``; ``warmup_per_open`` times the time an association takes to open (about two
     #: round trips) when that is known, so a far PACS is not judged before its bytes flow; at most
     #: ``max_warmup_s``.
-    warmup_s: float = 0.15
-    warmup_per_open: float = 3.0
+    warmup_s: float = 0.2
+    warmup_per_open: float = 6.0
     max_warmup_s: float = 2.0
     reprobe_after_epochs: int = 15
     latency_factor: float = 3.0
