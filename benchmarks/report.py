@@ -306,7 +306,9 @@ def wan_section(section: dict[str, Any]) -> list[str]:
     verdict = {True: "met", False: "**missed**", None: "not measured"}
     lines += ["", "Targets (issue 15): " + "; ".join(
         f"{t.name.split(': ', 1)[-1]} {t.target}: {t.measured} ({verdict[t.met]})" for t in wan_t) + "."]  # fmt: skip
-    lines += ["", "How: each row gets fresh proxies, a fresh state DB and an empty directory; seconds and MB/s as in section 1 "
+    lines += ["", "How: each row gets fresh proxies, a fresh state DB and an empty directory; the rows bound by each association's "
+              "round trip (DCMTK's one series at a time, 1 and 2 fixed associations) retrieve the cohort's first patients only, as "
+              "their labels say (their MB/s does not depend on the size; the whole cohort cost a minute each); seconds and MB/s as in section 1 "
               "(the project: as `downloaded_series` recorded them; DCMTK: movescu's wall time). Requests: the project's are the "
               "grants of its request budget (`pacs_request_log`, read every 0.5 s while the sync runs: associations, C-FINDs, "
               "C-MOVEs; QIDO-RS/WADO-RS requests), \"peak 60 s\" is the most in any 60 s (the budget's window, "

@@ -58,6 +58,7 @@ from benchmarks.orthanc_site import Site, load_directory, start_site  # noqa: E4
 from benchmarks.project import ProjectVariant, instance_files, run_project_variant  # noqa: E402
 from benchmarks.results import RetrievalRow, dcmtk_row, project_row  # noqa: E402
 from dicom_assets.config import PacsSettings  # noqa: E402
+from dicom_assets.devpacs.cohort import GeneratedSeries  # noqa: E402
 from dicom_assets_tests.delay_proxy import DelayProxy, measure_round_trips, measure_throughput, peak_overlap  # noqa: E402
 from dicom_assets_tests.orthanc import distinct_free_ports  # noqa: E402
 
@@ -65,6 +66,9 @@ DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/postgres"
 DELAY_S = 0.010
 #: Fixed association counts tried (``pacs.max_concurrent_associations``), adaptive off.
 FIXED_COUNTS = (1, 2, 4, 8)
+#: Patients (of 2 series each) retrieved by the round-trip-bound rows, by association count:
+#: DCMTK's one series at a time and the project's fixed 1 take 2 patients, fixed 2 takes 4.
+ROUND_TRIP_BOUND_PATIENTS = {1: 2, 2: 4}
 #: WADO-RS request counts tried besides the default.
 WADO_COUNTS = (4,)
 #: The ``pacs:`` key that will switch the adaptive concurrency controller on (issue 15). Until
@@ -102,6 +106,10 @@ class WanVariant:
     project: ProjectVariant | None = None
     requires: str | None = None
     same_as: str | None = None  # the key of an earlier row with the very same settings: not run twice
+    #: Retrieve only the cohort's first ``patients`` patients (None: all). For the rows whose MB/s
+    #: is bound by the round trip of each association (one series at a time, 1 or 2 associations):
+    #: their rate does not depend on the cohort's size, and the whole cohort cost 58-62 s each.
+    patients: int | None = None
 
 
 def adaptive_available() -> bool:
@@ -124,13 +132,14 @@ def wan_variants(quick: bool = False) -> list[WanVariant]:
     defaults = f"adaptive ≤ {n}" if adaptive_by_default() else str(n)
     fixed = f", {ADAPTIVE_KEY}: off" if off else ""
     rows = [
-        WanVariant("dcmtk-move", "DCMTK movescu + storescp +B, one series at a time, TCP_NODELAY=1", "dcmtk", "c-move", "dcmtk", "1"),
+        WanVariant("dcmtk-move", "DCMTK movescu + storescp +B, one series at a time, TCP_NODELAY=1", "dcmtk", "c-move", "dcmtk", "1",
+                   patients=ROUND_TRIP_BOUND_PATIENTS[1]),
         WanVariant("project-default", f"dicom-assets sync c-move, defaults ({defaults} assoc)", "dicom-assets", "c-move", "default",
                    defaults, ProjectVariant("c-move", n, True)),
     ]  # fmt: skip
     rows += [
         WanVariant(f"project-fixed-{k}", f"dicom-assets sync c-move, max_concurrent_associations: {k}{fixed}", "dicom-assets",
-                   "c-move", "fixed", str(k), ProjectVariant("c-move", k, False, off))
+                   "c-move", "fixed", str(k), ProjectVariant("c-move", k, False, off), patients=ROUND_TRIP_BOUND_PATIENTS.get(k))
         for k in FIXED_COUNTS
     ]  # fmt: skip
     # Adaptive concurrency (issue 15, designed separately): skipped with a note while
@@ -297,10 +306,33 @@ def _log_faults(paths: Sequence[Path], dcmtk_style: bool = False) -> tuple[int, 
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def _measure_dcmtk(variant: WanVariant, site: Site, cohort: Cohort, directory: Path, delay_s: float) -> dict[str, Any]:
+@dataclass(frozen=True)
+class CohortPart:
+    """What one row retrieves: the whole cohort, or its first patients."""
+
+    series: tuple[GeneratedSeries, ...]
+    patient_ids: tuple[str, ...]
+    whole: bool
+
+    @property
+    def instances(self) -> int:
+        return sum(s.instances for s in self.series)
+
+    @property
+    def regex(self) -> str:
+        """``selection.patient_id_regex`` for exactly these patients."""
+        return "^(?:" + "|".join(re.escape(p) for p in self.patient_ids) + ")$"
+
+
+def cohort_part(cohort: Cohort, patients: int | None) -> CohortPart:
+    ids = cohort.patient_ids if patients is None else cohort.patient_ids[:patients]
+    return CohortPart(tuple(s for s in cohort.series if s.patient_id in ids), tuple(ids), len(ids) == len(cohort.patient_ids))
+
+
+def _measure_dcmtk(variant: WanVariant, site: Site, part: CohortPart, directory: Path, delay_s: float) -> dict[str, Any]:
     with wan_link(site, delay_s) as link:
         try:
-            result = dcmtk.move_with_storescp(link.site, cohort.series, directory / "received", directory / "logs", True)
+            result = dcmtk.move_with_storescp(link.site, part.series, directory / "received", directory / "logs", True)
         finally:
             shutil.rmtree(directory / "received", ignore_errors=True)
         move = result.usages[0]
@@ -311,9 +343,9 @@ def _measure_dcmtk(variant: WanVariant, site: Site, cohort: Cohort, directory: P
             "proxy_resets": link.resets(),
             "proxies": link.stats(),
         }
-    row = dcmtk_row(variant.key, variant.label, "c-move", variant.associations, cohort.instances, result)
+    row = dcmtk_row(variant.key, variant.label, "c-move", variant.associations, part.instances, result)
     statuses, examples = _log_faults([u.log_file for u in result.usages], dcmtk_style=True)
-    requests = 1 + len(cohort.series)  # its client's count: one association, one C-MOVE per series
+    requests = 1 + len(part.series)  # its client's count: one association, one C-MOVE per series
     wan.update(
         requests=requests, requests_counted_by="client (1 association + 1 C-MOVE per series)",
         # evenly spread (one C-MOVE after the other): all of them within one window, or the rate
@@ -324,7 +356,7 @@ def _measure_dcmtk(variant: WanVariant, site: Site, cohort: Cohort, directory: P
     return {**row.as_dict(), **wan}
 
 
-def _measure_project(variant: WanVariant, site: Site, cohort: Cohort, directory: Path, pg: str, delay_s: float, regex: str) -> dict[str, Any]:
+def _measure_project(variant: WanVariant, site: Site, part: CohortPart, directory: Path, pg: str, delay_s: float) -> dict[str, Any]:
     assert variant.project is not None
     logs: list[RequestLog] = []
 
@@ -337,7 +369,7 @@ def _measure_project(variant: WanVariant, site: Site, cohort: Cohort, directory:
     pacs_path = ["http"] if variant.method == "wado-rs" else ["pacs"]
     with wan_link(site, delay_s) as link:
         try:
-            result = run_project_variant(link.site, variant.project, directory, pg, regex, watch=watch)
+            result = run_project_variant(link.site, variant.project, directory, pg, part.regex, watch=watch)
             _, _, newest = instance_files(directory / "downloads")
         finally:
             for bulky in ("downloads", "archives"):
@@ -350,7 +382,7 @@ def _measure_project(variant: WanVariant, site: Site, cohort: Cohort, directory:
             "proxy_resets": link.resets(),
             "proxies": link.stats(),
         }
-    row = project_row(variant.key, variant.project, cohort.instances, result)
+    row = project_row(variant.key, variant.project, part.instances, result)
     row.label, row.associations = variant.label, variant.associations
     log = logs[0]
     times = log.times()
@@ -383,15 +415,18 @@ def _failed_row(variant: WanVariant, expected: int, reason: str) -> dict[str, An
 
 def _run_variant(variant: WanVariant, site: Site, cohort: Cohort, base: Path, pg: str, delay_s: float, log: Callable[[str], None]) -> dict[str, Any]:
     directory = base / variant.key
+    part = cohort_part(cohort, variant.patients)
     try:
         if variant.project is None:
-            row = _measure_dcmtk(variant, site, cohort, directory, delay_s)
+            row = _measure_dcmtk(variant, site, part, directory, delay_s)
         else:
-            row = _measure_project(variant, site, cohort, directory, pg, delay_s, "^" + cohort.spec.patient_id_prefix)
+            row = _measure_project(variant, site, part, directory, pg, delay_s)
     except Exception as exc:  # noqa: BLE001 - one broken variant must not cost the others
         traceback.print_exc()
-        row = _failed_row(variant, cohort.instances, f"{type(exc).__name__}: {exc}"[:4000])
-    row.update(group=variant.group)
+        row = _failed_row(variant, part.instances, f"{type(exc).__name__}: {exc}"[:4000])
+    row.update(group=variant.group, patients=len(part.patient_ids), series=len(part.series), whole_cohort=part.whole)
+    if not part.whole:
+        row["label"] += f" ({len(part.series)} of the {len(cohort.series)} series)"
     if row["status"] != "ok":
         log(f"FAILED {variant.label}: {row['reason'].splitlines()[0] if row['reason'] else ''}")
     elif not row["complete"]:
