@@ -568,7 +568,9 @@ def render_markdown(results: dict[str, Any]) -> str:
         *_retrieval_section(results.get("retrieval", [])),
         "",
         "How: every variant retrieves every series of the cohort into an empty directory (after `sync` and a 1 s pause, so the previous variant's writeback is not in its seconds), and its count of files is checked "
-        "against the cohort. `dicom-assets sync` runs with a fresh PostgreSQL state DB and Dagster home, without `TCP_NODELAY` in "
+        "against the cohort. DCMTK (TCP_NODELAY) runs before and after the project's variants, and the project's one-association "
+        "C-MOVE and C-GET run a second time after it: each of these keeps its faster run. "
+        "`dicom-assets sync` runs with a fresh PostgreSQL state DB and Dagster home (archives stored, not deflated), without `TCP_NODELAY` in "
         "its environment; its MB/s, instances and seconds are what the `downloaded_series` asset recorded "
         "(`--json-summary`), its CPU s is the sync process's CPU between the start and end of retrieval (sampled every 0.05 s), "
         "its peak RSS is the whole sync process's (VmHWM). DCMTK: `storescp +B` (one process) with one `movescu` association sending "
