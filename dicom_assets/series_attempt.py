@@ -200,22 +200,25 @@ class SeriesRetriever:
         classes: tuple[str, ...] | None = None,
     ) -> RetrieveStatus:
         if self.settings.pacs.retrieve_method == "c-get":
-            if infos is None and classes is not None:
-                self.session.propose_for(sorted(classes))
-                return self.session.get(series.study_instance_uid, series.series_instance_uid, sop_uids)
-            return self._get(series, sop_uids, infos)
+            return self._get(series, sop_uids, infos, classes)
         timeout = self.settings.pacs.timeout_s
         return self.session.move(
             series.study_instance_uid, series.series_instance_uid, self.settings.receiver.ae_title, sop_uids,
             patience=flight.patience(timeout),
         )  # fmt: skip
 
-    def _get(self, series: SeriesState, sop_uids: list[str] | None, infos: list[InstanceInfo] | None) -> RetrieveStatus:
+    def _get(
+        self, series: SeriesState, sop_uids: list[str] | None, infos: list[InstanceInfo] | None, known: tuple[str, ...] | None = None,
+    ) -> RetrieveStatus:
         """C-GET with one context per (SOP class, syntax) for the classes the IMAGE-level answer
-        named, one C-GET per group of classes that fits an association (several only for series
-        of more than three classes); the fallback proposal when the classes are unknown."""
+        named (or, without one, the ``known`` classes of the state DB), one C-GET per group of
+        classes that fits an association (several only for series of more than three classes);
+        the fallback proposal when the classes are unknown."""
         study, uid = series.study_instance_uid, series.series_instance_uid
-        classes = None if not infos or any(i.sop_class_uid is None for i in infos) else {i.sop_class_uid for i in infos}
+        if infos is None:
+            classes = set(known) if known else None
+        else:
+            classes = None if not infos or any(i.sop_class_uid is None for i in infos) else {i.sop_class_uid for i in infos}
         if classes is None:
             self.session.propose_for(None)
             return self.session.get(study, uid, sop_uids)
@@ -223,6 +226,7 @@ class SeriesRetriever:
         if len(groups) == 1:
             self.session.propose_for(groups[0])
             return self.session.get(study, uid, sop_uids)
+        assert infos is not None  # known classes come only when they fit one group
         wanted = set(sop_uids) if sop_uids is not None else None
         finals = []
         for group in groups:
