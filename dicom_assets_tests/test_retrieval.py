@@ -10,7 +10,7 @@ import pytest
 from dicom_assets.discovery import discover_patients, discover_series, discover_studies
 from dicom_assets.layout import instances_on_disk, series_dir
 from dicom_assets.pacs.client import PacsClient
-from dicom_assets.retrieval import retrieve_patients
+from dicom_assets.retrieval import OutcomeWriter, retrieve_patients
 from dicom_assets.store import StateStore
 from dicom_assets_tests.conftest import free_port
 from dicom_assets_tests.pacs_fixtures import make_settings, small_cohort
@@ -170,3 +170,29 @@ def test_a_run_over_more_patients_than_a_claim_block_claims_every_series_once(st
     store.finish_series(last.series_instance_uid, "w", "complete", 1, 1)
     assert claims.next("w") is None
     assert sorted(claimed + [last.patient_id]) == sorted(ids)
+
+
+def test_the_outcome_writer_keeps_order_waits_for_every_write_and_raises_the_first_failure() -> None:
+    """Complete series are recorded on the writer's thread: in order, all of them before the run
+    returns, and a failed write (the state DB gone) ends the run instead of being lost."""
+    written: list[int] = []
+    writer = OutcomeWriter()
+    for n in range(50):
+        writer.submit(lambda n=n: written.append(n))
+    writer.close()
+    assert written == list(range(50))
+
+    def state_db_gone() -> None:
+        raise OSError("connection to the state DB lost")
+
+    failing = OutcomeWriter()
+    failing.submit(state_db_gone)
+    failing.submit(lambda: written.append(99))
+    with pytest.raises(RuntimeError, match="state DB lost"):
+        failing.close()
+    assert 99 not in written  # nothing after the failure: the run ends with it
+    with pytest.raises(RuntimeError, match="recording a complete series"):
+        failing.submit(lambda: None)  # a worker meets it at its next series
+    quiet = OutcomeWriter()
+    quiet.submit(state_db_gone)
+    quiet.close(raise_failure=False)  # the run already ends with an error of its own
