@@ -59,7 +59,7 @@ class ConcurrencyPolicy:
     """How the count moves: between 1 and ``ceiling``, one decision per epoch."""
 
     ceiling: int
-    start: int = 2  # what retrieval ran with before it adapted; more only once more pays
+    start: int = 4  # pacs.start_concurrent_associations: the first run against a PACS; later ones start from what it found
     epoch_s: float = 1.0
     #: Epochs while doubling are shorter: the ramp to a WAN's count costs two or three of them at
     #: a fraction of the throughput, and a doubling's gain (about 2x) stands well above the noise
