@@ -22,25 +22,38 @@ def wan(per_association: float, capacity: float) -> Callable[[int], float]:
     return lambda n: min(n * per_association, capacity)
 
 
-def test_a_wan_link_reaches_the_ceiling_in_two_epochs_by_doubling() -> None:
+def test_a_wan_link_reaches_the_ceiling_in_two_doublings_after_the_start_up_epoch() -> None:
     policy = ConcurrencyPolicy(ceiling=8, start=2)
     counts = _run(policy, wan(16e6, 1e9), 6)
-    assert counts[:3] == [4, 8, 8]
+    assert counts[:4] == [2, 4, 8, 8]  # the first epoch is the start-up: measured from the second
     assert counts[-1] == 8
+
+
+def test_the_start_up_epoch_is_not_the_base_a_doubling_must_beat() -> None:
+    """A run's first epoch holds the associations opening (93 MB/s at 4 C-GETs that then moved
+    225-300): judged against it, any doubling paid and loopback C-GET went to 8 (207 MB/s)."""
+    policy = ConcurrencyPolicy(ceiling=8, start=4)
+    probe = policy.after_epoch(policy.first(None), 93e6, 0.03, saturated=True)
+    assert probe.limit == 4 and probe.started and probe.base_throughput == 0  # not a base
+    probe = policy.after_epoch(probe, 260e6, 0.01, saturated=True)
+    assert probe.limit == 8 and probe.base_throughput == 260e6
+    probe = policy.after_epoch(probe, 230e6, 0.01, saturated=True)  # 8 does not pay ...
+    probe = policy.after_epoch(probe, 240e6, 0.01, saturated=True)  # ... in its second look either
+    assert probe.limit == 4 and not probe.slow_start
 
 
 def test_loopback_where_more_associations_do_not_pay_stays_at_the_start() -> None:
     policy = ConcurrencyPolicy(ceiling=8, start=2)
     counts = _run(policy, lambda n: 300e6 * (1.05 if n > 2 else 1.0), 12)
-    assert counts[:2] == [4, 4]  # the first probe, measured twice
-    assert counts[2:12] == [2] * 10  # 5 % more is not a quarter of the doubling's 100 %: back to 2
+    assert counts[:3] == [2, 4, 4]  # the start-up epoch, then the first probe, measured twice
+    assert counts[3:12] == [2] * 9  # 5 % more is not a quarter of the doubling's 100 %: back to 2
 
 
 def test_a_link_full_at_five_settles_at_full_throughput_below_the_ceiling() -> None:
     policy = ConcurrencyPolicy(ceiling=16, start=2, reprobe_after_epochs=5)
     link = wan(16e6, 80e6)
     counts = _run(policy, link, 40)
-    assert counts[:5] == [4, 8, 16, 16, 8]  # 8 paid (1.25x of 4), 16 did not in two epochs: back to 8
+    assert counts[:6] == [2, 4, 8, 16, 16, 8]  # 8 paid (1.25x of 4), 16 did not in two epochs: back to 8
     assert 5 <= counts[-1] <= 9 and link(counts[-1]) == 80e6  # full, and not at the ceiling
     assert counts.count(16) == 2  # the doubling past the knee was refused after its second look
 
