@@ -14,7 +14,8 @@ while doubling) at a time:
   quarter of the proportional gain (4 associations must give >= 1.25x the throughput of 2), then, after
   the first step that does not (a doubling gets a second epoch before it is refused: the first
   may end before the new associations' bytes flow), go back to the last good count and probe one
-  more at a time every ``reprobe_after_epochs`` epochs;
+  more at a time every ``reprobe_after_epochs`` epochs; when the very first doubling did not pay,
+  half the start is tried once and kept if it moves at least as much;
 * **back off** to half on an A7xx/C0xx answer or a reset (a reset with the adaptive request rate,
   in one update of the PACS's row: one controller for both; not below 2, see
   :data:`RESET_FLOOR`), and by one when the time per instance
@@ -54,6 +55,7 @@ class Probe:
     best_latency: float | None = None  # the lowest seconds per instance seen
     second_look: bool = False  # the doubling to ``limit`` did not pay in its first epoch
     started: bool = False  # the first epoch of a run (the workers' start-up) has passed
+    grew: bool = False  # a doubling paid in this run (so the start was not too many)
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,8 @@ class ConcurrencyPolicy:
         probe = dataclasses.replace(probe, best_latency=best)
         if probe.limit > probe.base_limit:
             return self._judge_probe(probe, throughput)
+        if probe.limit < probe.base_limit:
+            return self._judge_fewer(probe, throughput)
         if probe.slow_start and not probe.started:
             # The run's first epoch holds its start-up (associations opening, a C-GET's IMAGE-level
             # query before the first byte): 93 MB/s at 4 C-GETs where 4 move 225-300, and a base
@@ -145,11 +149,26 @@ class ConcurrencyPolicy:
         """
         step = (probe.limit - probe.base_limit) / probe.base_limit
         if throughput >= probe.base_throughput * (1 + self.gain_share * step):
-            kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0, second_look=False)
+            kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0, second_look=False,
+                                       grew=True)  # fmt: skip
             return self._step_up(kept) if probe.slow_start else kept
         if probe.slow_start and not probe.second_look:
             return dataclasses.replace(probe, second_look=True)
-        return dataclasses.replace(probe, limit=probe.base_limit, slow_start=False, settled_epochs=0, second_look=False)
+        back = dataclasses.replace(probe, limit=probe.base_limit, slow_start=False, settled_epochs=0, second_look=False)
+        if probe.slow_start and not probe.grew and probe.base_limit >= 2:
+            # The very first doubling did not pay: the start itself may be more than the PACS and
+            # this machine serve well (loopback C-GET here: 2 associations 344-404 MB/s, 4 225-353),
+            # and nothing else ever goes below it. Half is tried once.
+            return dataclasses.replace(back, limit=probe.base_limit // 2)
+        return back
+
+    def _judge_fewer(self, probe: Probe, throughput: float) -> Probe:
+        """After trying half the start: keep it if it moved at least as much (less load on the
+        PACS, less CPU here), else go back. Only an epoch without a worker leaving is judged
+        (the gate's ``saturated``), so the series the extra workers finish do not count for it."""
+        if throughput >= probe.base_throughput:
+            return dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0)
+        return dataclasses.replace(probe, limit=probe.base_limit, settled_epochs=0)
 
     def _step_up(self, probe: Probe) -> Probe:
         limit = min(self.ceiling, probe.limit * 2 if probe.slow_start else probe.limit + 1)
