@@ -116,7 +116,7 @@ def test_a_doubling_judged_before_its_associations_ran_gets_a_second_epoch() -> 
     """Over a WAN the first epoch after 4 -> 8 can end before the four new associations move
     bytes; judged on it alone, 8 fell back to 4 (0.58x of fixed 8 in the WAN benchmark)."""
     policy = ConcurrencyPolicy(ceiling=8, start=2)
-    probe = Probe(limit=8, base_limit=4, base_throughput=64e6, grew=True)  # 2 -> 4 paid before
+    probe = Probe(limit=8, base_limit=4, base_throughput=64e6)  # 2 -> 4 paid before
     looked = policy.after_epoch(probe, 70e6, 0.03, saturated=True)  # 1.09x: the new four not running yet
     assert looked.limit == 8 and looked.second_look
     kept = policy.after_epoch(looked, 120e6, 0.03, saturated=True)  # all eight running

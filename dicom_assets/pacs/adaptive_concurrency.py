@@ -55,7 +55,6 @@ class Probe:
     best_latency: float | None = None  # the lowest seconds per instance seen
     second_look: bool = False  # the doubling to ``limit`` did not pay in its first epoch
     started: bool = False  # the first epoch of a run (the workers' start-up) has passed
-    grew: bool = False  # a doubling paid in this run (so the start was not too many)
 
 
 @dataclass(frozen=True)
@@ -99,8 +98,11 @@ class ConcurrencyPolicy:
     def first(self, shared_limit: int | None) -> Probe:
         """The probe at the start of a retrieval: from the count the state DB holds (what
         earlier runs found), else from ``start``; within the ceiling."""
-        limit = max(1, min(self.ceiling, shared_limit if shared_limit is not None else self.start))
+        limit = self._within(shared_limit if shared_limit is not None else self.start)
         return Probe(limit=limit, base_limit=limit, slow_start=shared_limit is None)
+
+    def _within(self, count: int) -> int:
+        return max(1, min(self.ceiling, count))
 
     def cut(self, limit: int) -> int:
         """The count after an A7xx/C0xx answer or a reset: half, at least 1."""
@@ -108,7 +110,7 @@ class ConcurrencyPolicy:
 
     def adopt(self, probe: Probe, shared_limit: int) -> Probe:
         """Another worker or process cut the shared count: follow it, probe again slowly."""
-        limit = max(1, min(self.ceiling, shared_limit))
+        limit = self._within(shared_limit)
         return Probe(limit=limit, base_limit=limit, slow_start=False, best_latency=probe.best_latency)
 
     def after_epoch(self, probe: Probe, throughput: float, latency: float | None, saturated: bool) -> Probe:
@@ -149,13 +151,12 @@ class ConcurrencyPolicy:
         """
         step = (probe.limit - probe.base_limit) / probe.base_limit
         if throughput >= probe.base_throughput * (1 + self.gain_share * step):
-            kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0, second_look=False,
-                                       grew=True)  # fmt: skip
+            kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0, second_look=False)
             return self._step_up(kept) if probe.slow_start else kept
         if probe.slow_start and not probe.second_look:
             return dataclasses.replace(probe, second_look=True)
         back = dataclasses.replace(probe, limit=probe.base_limit, slow_start=False, settled_epochs=0, second_look=False)
-        if probe.slow_start and not probe.grew and probe.base_limit >= 2:
+        if probe.slow_start and probe.base_limit == self._within(self.start) and probe.base_limit >= 2:
             # The very first doubling did not pay: the start itself may be more than the PACS and
             # this machine serve well (loopback C-GET here: 2 associations 344-404 MB/s, 4 225-353),
             # and nothing else ever goes below it. Half is tried once.
