@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,49 @@ def test_slots_of_a_dead_process_on_this_host_are_freed_at_start(store: StateSto
         assert gate.enter(0, f"{host}:1:1")
     finally:
         gate.stop()
+
+
+def test_a_refusal_as_the_count_doubles_is_not_undone_by_the_doubling(store: StateStore) -> None:
+    """A doubling and a refusal at the same moment: whichever lands last, the state DB and the
+    gate agree on the count (the doubling used to be written after the cut and undo it)."""
+    from dicom_assets.pacs.throughput import ByteMeter
+
+    policy = ConcurrencyPolicy(ceiling=16, start=1, slow_start_epoch_s=0.01, warmup_s=0.0, max_warmup_s=0.0)
+    disagreed = []
+    for attempt in range(8):
+        key = f"pacs:104/RACE{attempt}"
+        meter = ByteMeter()
+        gate = RetrieveGate(policy, adaptive=True, store=store, pacs_key=key, meter=meter)
+        stop = threading.Event()
+
+        def worker(i: int, gate: RetrieveGate = gate) -> None:
+            while gate.enter(i, f"w{i}"):
+                while gate.keeps(i) and not stop.is_set():
+                    stop.wait(0.001)
+                gate.leave(f"w{i}")
+                if stop.is_set():
+                    return
+
+        def feed(gate: RetrieveGate = gate, meter: ByteMeter = meter) -> None:
+            while not stop.is_set():  # every doubling pays: the bytes grow with the count
+                meter.add(gate.limit * 10_000)
+                stop.wait(0.0005)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)] + [threading.Thread(target=feed)]
+        gate.start()
+        for thread in threads:
+            thread.start()
+        seen = gate.limit
+        deadline = time.monotonic() + 5.0
+        while gate.limit == seen and time.monotonic() < deadline:  # the monitor has just doubled
+            pass
+        gate.refused()
+        time.sleep(0.1)  # the doubling's write, if it was to come, has come
+        stop.set()
+        gate.stop()
+        for thread in threads:
+            thread.join(5.0)
+        assert gate.cuts == 1, "the refusal did not cut: the test tested nothing"
+        if store.concurrency_limit(key) != gate.limit:
+            disagreed.append((attempt, store.concurrency_limit(key), gate.limit))
+    assert not disagreed, f"(attempt, state DB's count, gate's count): {disagreed}"

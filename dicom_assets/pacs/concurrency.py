@@ -71,6 +71,11 @@ class RetrieveGate:
         self.cuts = 0
         self.epochs = 0
         self._cond = threading.Condition()
+        # One decision at a time: the monitor's judgement of an epoch and a worker's refusal each
+        # read the count, change it and write it to the state DB. Unserialized, a doubling decided
+        # just before a refusal was written after the cut and undid it (the store held 8 while
+        # the gate ran at 2).
+        self._decide = threading.Lock()
         self._finished = False
         self._holders: set[str] = set()
         self._left_in_epoch = False
@@ -128,11 +133,12 @@ class RetrieveGate:
         """An A7xx/C0xx answer: half the count, for every worker (once per event)."""
         if not self.adaptive:
             return
-        if self.store is not None:
-            limit = self.store.cut_concurrency(self.pacs_key, self.probe.limit, CUT_COOLDOWN_S)  # type: ignore[arg-type]
-        else:
-            limit = self.policy.cut(self.probe.limit)
-        self._adopt(limit)
+        with self._decide:
+            if self.store is not None:
+                limit = self.store.cut_concurrency(self.pacs_key, self.probe.limit, CUT_COOLDOWN_S)  # type: ignore[arg-type]
+            else:
+                limit = self.policy.cut(self.probe.limit)
+            self._adopt(limit)
 
     # ---- the monitor
 
@@ -164,17 +170,18 @@ class RetrieveGate:
             start_bytes, start_time, start_faults, start_cuts = self.meter.total, self.clock(), self.faults(), self.cuts
             if self._wait(self.policy.epoch_length(self.probe)):
                 return
-            with self._cond:
-                # Judged only when every allowed worker retrieved through the whole epoch and the
-                # PACS answered cleanly (no reset, refusal or broken connection in it).
-                clean = self.faults() == start_faults and self.cuts == start_cuts
-                saturated = clean and not self._left_in_epoch and len(self._holders) >= self.probe.limit
-                instances, seconds = self._instances, self._seconds
-            throughput = (self.meter.total - start_bytes) / max(self.clock() - start_time, 1e-6)
-            try:
-                self._epoch(throughput, seconds / instances if instances else None, saturated)
-            except Exception:  # noqa: BLE001 - the count stays; retrieval goes on
-                log.exception("concurrency probe failed; the count stays at %d", self.probe.limit)
+            with self._decide:
+                with self._cond:
+                    # Judged only when every allowed worker retrieved through the whole epoch and the
+                    # PACS answered cleanly (no reset, refusal or broken connection in it).
+                    clean = self.faults() == start_faults and self.cuts == start_cuts
+                    saturated = clean and not self._left_in_epoch and len(self._holders) >= self.probe.limit
+                    instances, seconds = self._instances, self._seconds
+                throughput = (self.meter.total - start_bytes) / max(self.clock() - start_time, 1e-6)
+                try:
+                    self._epoch(throughput, seconds / instances if instances else None, saturated)
+                except Exception:  # noqa: BLE001 - the count stays; retrieval goes on
+                    log.exception("concurrency probe failed; the count stays at %d", self.probe.limit)
             changed = self.probe.limit != start_limit
 
     def _wait(self, seconds: float) -> bool:
@@ -183,6 +190,7 @@ class RetrieveGate:
             return self._cond.wait_for(lambda: self._finished, timeout=seconds)
 
     def _epoch(self, throughput: float, latency: float | None, saturated: bool) -> None:
+        """Judge one epoch and write the count it leaves; called holding ``_decide``."""
         self.epochs += 1
         if self.store is not None:
             shared = self.store.concurrency_limit(self.pacs_key)  # type: ignore[arg-type]
