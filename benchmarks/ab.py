@@ -1,6 +1,7 @@
-"""One association against DCMTK, round after round: the A/B behind the one-association target.
+"""One association (or the defaults) against DCMTK, round after round: the A/B behind the
+one-association and defaults targets.
 
-    python -m benchmarks.ab [--rounds 5] [--methods c-move,c-get] [--work-dir bench-work]
+    python -m benchmarks.ab [--rounds 5] [--methods c-move,c-get] [--associations 1|0] [--work-dir bench-work]
 
 One Orthanc loaded with ``make bench``'s retrieval cohort (1.09 GB, cached), then ``--rounds``
 rounds of, per method, DCMTK (``movescu``+``storescp`` / ``getscu``, ``TCP_NODELAY=1``) and
@@ -46,11 +47,18 @@ def _dcmtk(site: Site, cohort: Cohort, base: Path, method: str) -> tuple[float, 
     return result.bytes / 1e6 / result.wall_s, result.cpu_s
 
 
-def _ours(site: Site, cohort: Cohort, base: Path, method: str, pg: str, associations: int) -> tuple[float, float]:
-    """(MB/s, CPU s of the retrieval) of one ``dicom-assets sync`` with a fixed association count."""
-    variant = ProjectVariant(method, associations, False, (("adaptive_concurrency", False),))
+def _ours(site: Site, cohort: Cohort, base: Path, method: str, pg: str, associations: int,
+          log: Callable[[str], None] = print) -> tuple[float, float]:
+    """(MB/s, CPU s of the retrieval) of one ``dicom-assets sync`` with a fixed association count,
+    or (``associations`` 0) with the defaults, whose moves of the count are logged."""
+    defaults = associations == 0
+    variant = ProjectVariant(method, associations, defaults, () if defaults else (("adaptive_concurrency", False),))
     try:
         result = run_project_variant(site, variant, base, pg, "^" + cohort.spec.patient_id_prefix)
+        if defaults:
+            for line in result.usage.log_file.read_text(errors="replace").splitlines():
+                if "concurrent retrieves" in line:
+                    log("    " + line.strip())
     finally:
         for bulky in ("downloads", "archives"):
             shutil.rmtree(base / bulky, ignore_errors=True)
@@ -71,7 +79,7 @@ def run(rounds: int, methods: Sequence[str], work_dir: Path, pg: str, associatio
                 for method in methods:
                     for who, measure in (
                         ("dcmtk", lambda: _dcmtk(site, cohort, base / f"dcmtk-{method}", method)),
-                        ("ours", lambda: _ours(site, cohort, base / f"ours-{method}-{n}", method, pg, associations)),
+                        ("ours", lambda: _ours(site, cohort, base / f"ours-{method}-{n}", method, pg, associations, log)),
                     ):
                         settle_disk(1.0)
                         mb_s, cpu = measure()
@@ -92,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.ab", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--methods", default="c-move,c-get", help="comma-separated: c-move, c-get")
-    parser.add_argument("--associations", type=int, default=1, help="the project's fixed association count (default 1)")
+    parser.add_argument("--associations", type=int, default=1, help="the project's fixed association count (default 1; 0: the defaults, adaptive)")
     parser.add_argument("--work-dir", type=Path, default=REPO_ROOT / "bench-work")
     parser.add_argument("--pg-admin-url", default=DEFAULT_PG)
     parser.add_argument("--json", type=Path, help="write the figures here")

@@ -314,7 +314,8 @@ def wan_section(section: dict[str, Any]) -> list[str]:
         f"{t.name.split(': ', 1)[-1]} {t.target}: {t.measured} ({verdict[t.met]})" for t in wan_t) + "."]  # fmt: skip
     lines += ["", "How: each row gets fresh proxies, a fresh state DB and an empty directory; the rows bound by each association's "
               "round trip (DCMTK's one series at a time, 1 and 2 fixed associations) retrieve the cohort's first patients only, as "
-              "their labels say (their MB/s does not depend on the size; the whole cohort cost a minute each); seconds and MB/s as in section 1 "
+              "their labels say (their MB/s does not depend on the size; the whole cohort cost a minute each); the defaults row and the "
+              "fixed rows of the whole cohort run twice and keep the faster (both runs' MB/s in the JSON, `runs_mb_per_s`); seconds and MB/s as in section 1 "
               "(the project: as `downloaded_series` recorded them; DCMTK: movescu's wall time). Requests: the project's are the "
               "grants of its request budget (`pacs_request_log`, read every 0.5 s while the sync runs: associations, C-FINDs, "
               "C-MOVEs; QIDO-RS/WADO-RS requests), \"peak 60 s\" is the most in any 60 s (the budget's window, "
@@ -575,7 +576,7 @@ def render_markdown(results: dict[str, Any]) -> str:
         "",
         "How: every variant retrieves every series of the cohort into an empty directory (after `sync` and a 1 s pause, so the previous variant's writeback is not in its seconds), and its count of files is checked "
         "against the cohort. DCMTK (TCP_NODELAY) runs before and after the project's variants, and the project's one-association "
-        "C-MOVE and C-GET run a second time after it: each of these keeps its faster run. "
+        "and defaults C-MOVE and C-GET run a second time after it: each of these keeps its faster run. "
         "`dicom-assets sync` runs with a fresh PostgreSQL state DB and Dagster home (archives stored, not deflated), without `TCP_NODELAY` in "
         "its environment; its MB/s, instances and seconds are what the `downloaded_series` asset recorded "
         "(`--json-summary`), its CPU s is the sync process's CPU between the start and end of retrieval (sampled every 0.05 s), "

@@ -189,15 +189,15 @@ def _faster(a: RetrievalRow, b: RetrievalRow) -> RetrievalRow:
 def run_retrieval(site: Site, cohort: Cohort, base: Path, pg: str, quick: bool, failures: list[str], log: Callable[[str], None]) -> list[RetrievalRow]:
     # DCMTK with TCP_NODELAY is the reference: it runs before and after the project's variants
     # and keeps its faster run, so neither a cold Orthanc nor a busy moment counts against it.
-    # The project's one-association rows, whose target is DCMTK's figure, get the same two runs
-    # (the second after DCMTK's second) and keep the faster.
+    # The project's one-association and defaults rows, whose targets are DCMTK's figure, get the
+    # same two runs (the second after DCMTK's second) and keep the faster.
     first = [_dcmtk_variant(site, cohort, base, m, True, failures, log) for m in ("c-move", "c-get")]
     variants = project_variants(quick)
     ours = [_project_variant(site, cohort, base, v, pg, failures, log) for v in variants]
     again = first if quick else [_dcmtk_variant(site, cohort, base, m, True, failures, log) for m in ("c-move", "c-get")]
     if not quick:
         for i, v in enumerate(variants):
-            if v.associations == 1 and v.method in ("c-move", "c-get"):
+            if (v.associations == 1 or v.default) and v.method in ("c-move", "c-get"):
                 ours[i] = _faster(ours[i], _project_variant(site, cohort, base, v, pg, failures, log))
     rows = [_faster(a, b) for a, b in zip(first, again)] + ours
     # Nagle on: ~11 MB/s whatever the size (a 40 ms delayed ACK per instance); 2 series tell it

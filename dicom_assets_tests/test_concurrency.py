@@ -179,3 +179,4 @@ def test_a_refusal_as_the_count_doubles_is_not_undone_by_the_doubling(store: Sta
         if store.concurrency_limit(key) != gate.limit:
             disagreed.append((attempt, store.concurrency_limit(key), gate.limit))
     assert not disagreed, f"(attempt, state DB's count, gate's count): {disagreed}"
+

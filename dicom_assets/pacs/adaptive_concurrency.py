@@ -14,8 +14,10 @@ while doubling) at a time:
   quarter of the proportional gain (4 associations must give >= 1.25x the throughput of 2), then, after
   the first step that does not (a doubling gets a second epoch before it is refused: the first
   may end before the new associations' bytes flow), go back to the last good count and probe one
-  more at a time every ``reprobe_after_epochs`` epochs; when the very first doubling did not pay,
-  half the start is tried once and kept if it moves at least as much;
+  more at a time every ``reprobe_after_epochs`` epochs; no doubling while this machine's CPUs
+  are all busy (``cpu_full``: more associations would share them); when the very first doubling
+  did not pay or the CPU was full at the start, half the start is tried once and kept if it
+  moves at least as much;
 * **back off** to half on an A7xx/C0xx answer or a reset (a reset with the adaptive request rate,
   in one update of the PACS's row: one controller for both; not below 2, see
   :data:`RESET_FLOOR`), and by one when the time per instance
@@ -56,6 +58,11 @@ class Probe:
     second_look: bool = False  # the doubling to ``limit`` did not pay in its first epoch
     started: bool = False  # the first epoch of a run (the workers' start-up) has passed
 
+    @property
+    def in_startup(self) -> bool:
+        """The next epoch is the run's start-up: not measured (only a first probe has one)."""
+        return self.slow_start and not self.started
+
 
 @dataclass(frozen=True)
 class ConcurrencyPolicy:
@@ -81,6 +88,10 @@ class ConcurrencyPolicy:
     max_warmup_s: float = 2.0
     reprobe_after_epochs: int = 15
     latency_factor: float = 3.0
+    #: Share of this machine's CPU time busy in an epoch from which slow start stops doubling
+    #: (:class:`~dicom_assets.pacs.throughput.HostCpu`); ``reprobe_after_epochs``' one-at-a-time
+    #: probes still run, so a WAN retrieval on a machine busy with other work can still grow.
+    cpu_full: float = 0.9
     #: Share of the proportional gain a larger count must bring to be kept (0.25: doubling from
     #: 4 to 8 must give 1.25x the throughput; a link that is filling up gives less than 2x, and
     #: noise between epochs is some 10 %).
@@ -113,22 +124,24 @@ class ConcurrencyPolicy:
         limit = self._within(shared_limit)
         return Probe(limit=limit, base_limit=limit, slow_start=False, best_latency=probe.best_latency)
 
-    def after_epoch(self, probe: Probe, throughput: float, latency: float | None, saturated: bool) -> Probe:
+    def after_epoch(self, probe: Probe, throughput: float, latency: float | None, saturated: bool,
+                    cpu_busy: float | None = None) -> Probe:
         """The probe after an epoch at ``probe.limit`` that moved ``throughput`` bytes/s.
 
         ``latency``: seconds per instance of the attempts that ended in the epoch (None: none
         ended). ``saturated``: every allowed worker had a series during the epoch; an epoch with
         idle workers (the end of a run) says nothing about the count and changes nothing.
+        ``cpu_busy``: share of this machine's CPU time that was busy in the epoch (None: unknown).
         """
         if not saturated or throughput <= 0:
             return probe
         best = latency if probe.best_latency is None or (latency is not None and latency < probe.best_latency) else probe.best_latency
         probe = dataclasses.replace(probe, best_latency=best)
         if probe.limit > probe.base_limit:
-            return self._judge_probe(probe, throughput)
+            return self._judge_probe(probe, throughput, cpu_busy)
         if probe.limit < probe.base_limit:
             return self._judge_fewer(probe, throughput)
-        if probe.slow_start and not probe.started:
+        if probe.in_startup:
             # The run's first epoch holds its start-up (associations opening, a C-GET's IMAGE-level
             # query before the first byte): 93 MB/s at 4 C-GETs where 4 move 225-300, and a base
             # that low lets any doubling "pay". It is not a base; the next epoch is.
@@ -137,11 +150,19 @@ class ConcurrencyPolicy:
         probe = dataclasses.replace(probe, base_throughput=measured)
         if latency is not None and best is not None and latency > self.latency_factor * best and probe.limit > 1:
             return Probe(limit=probe.limit - 1, base_limit=probe.limit - 1, slow_start=False, best_latency=best)
+        if probe.slow_start and self._cpu_full(cpu_busy):
+            # Every core is busy: a doubling would share the CPU, not move more (loopback C-GET on
+            # 2 cores: 4 associations 387 MB/s, 8 fewer, and the epochs spent finding that out
+            # took a 2.4 s run from 387 to 291). Settle here, or try half the start.
+            return self._stop_doubling(probe)
         if probe.slow_start or probe.settled_epochs + 1 >= self.reprobe_after_epochs:
             return self._step_up(probe)
         return dataclasses.replace(probe, settled_epochs=probe.settled_epochs + 1)
 
-    def _judge_probe(self, probe: Probe, throughput: float) -> Probe:
+    def _cpu_full(self, cpu_busy: float | None) -> bool:
+        return cpu_busy is not None and cpu_busy >= self.cpu_full
+
+    def _judge_probe(self, probe: Probe, throughput: float, cpu_busy: float | None) -> Probe:
         """Keep the larger count if it paid, else go back to the last good one.
 
         A doubling that did not pay is measured once more first: its first epoch can end while
@@ -152,14 +173,23 @@ class ConcurrencyPolicy:
         step = (probe.limit - probe.base_limit) / probe.base_limit
         if throughput >= probe.base_throughput * (1 + self.gain_share * step):
             kept = dataclasses.replace(probe, base_limit=probe.limit, base_throughput=throughput, settled_epochs=0, second_look=False)
-            return self._step_up(kept) if probe.slow_start else kept
+            if not probe.slow_start:
+                return kept
+            return self._stop_doubling(kept) if self._cpu_full(cpu_busy) else self._step_up(kept)
         if probe.slow_start and not probe.second_look:
             return dataclasses.replace(probe, second_look=True)
+        if probe.slow_start:
+            return self._stop_doubling(probe)
+        return dataclasses.replace(probe, limit=probe.base_limit, settled_epochs=0, second_look=False)
+
+    def _stop_doubling(self, probe: Probe) -> Probe:
+        """The end of slow start: back to (or stay at) the last good count and probe one at a
+        time from there. When that is still the start (the very first doubling did not pay, or
+        the CPU was full at the start), the start itself may be more than the PACS and this
+        machine serve well (loopback C-GET here: 2 associations 344-404 MB/s, 4 225-353), and
+        nothing else ever goes below it: half is tried once."""
         back = dataclasses.replace(probe, limit=probe.base_limit, slow_start=False, settled_epochs=0, second_look=False)
-        if probe.slow_start and probe.base_limit == self._within(self.start) and probe.base_limit >= 2:
-            # The very first doubling did not pay: the start itself may be more than the PACS and
-            # this machine serve well (loopback C-GET here: 2 associations 344-404 MB/s, 4 225-353),
-            # and nothing else ever goes below it. Half is tried once.
+        if probe.base_limit == self._within(self.start) and probe.base_limit >= 2:
             return dataclasses.replace(back, limit=probe.base_limit // 2)
         return back
 

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from dicom_assets.layout import pid_alive
 from dicom_assets.pacs.adaptive_concurrency import ConcurrencyPolicy, Probe
-from dicom_assets.pacs.throughput import RECEIVED, ByteMeter
+from dicom_assets.pacs.throughput import RECEIVED, ByteMeter, HostCpu
 
 if TYPE_CHECKING:
     from dicom_assets.store import StateStore
@@ -56,6 +56,7 @@ class RetrieveGate:
         clock: Callable[[], float] = time.monotonic,
         faults: Callable[[], int] = lambda: 0,
         association_open_s: Callable[[], float | None] = lambda: None,
+        host_cpu: HostCpu | None = None,
     ) -> None:
         self.policy = policy
         self.adaptive = adaptive
@@ -65,6 +66,7 @@ class RetrieveGate:
         self.clock = clock
         self.faults = faults  # connection faults seen so far: an epoch with one is not judged
         self.association_open_s = association_open_s  # how far away the PACS is (the warm-up scales with it)
+        self.host_cpu = host_cpu or HostCpu()  # a full CPU ends the doubling: more associations would share it
         shared = self.store.concurrency_limit(pacs_key) if self.store is not None else None  # type: ignore[arg-type]
         self.probe: Probe = policy.first(shared) if adaptive else Probe(limit=policy.ceiling, base_limit=policy.ceiling)
         self.peak = self.probe.limit
@@ -157,19 +159,25 @@ class RetrieveGate:
         return ConcurrencyReport(final=self.probe.limit, peak=self.peak, cuts=self.cuts, epochs=self.epochs)
 
     def _run(self) -> None:
-        """One epoch after another; after a change of the count (and at the start) the first
-        ``warmup_s`` are not measured: new associations are still being set up."""
+        """One epoch after another; after a change of the count the first ``warmup`` seconds
+        are not measured: new associations are still being set up. A run's first epoch, its
+        start-up, is not measured either: it is the warm-up (at least as long), not a wait before
+        it (over 20 ms that wait was 0.24 s at half the count's throughput)."""
         changed = True
         while True:
-            if changed and self._wait(self.policy.warmup(self.association_open_s())):
+            startup = self.probe.in_startup
+            if changed and not startup and self._wait(self.policy.warmup(self.association_open_s())):
                 return
             with self._cond:
                 self._left_in_epoch = False
                 self._instances, self._seconds = 0, 0.0
                 start_limit = self.probe.limit
             start_bytes, start_time, start_faults, start_cuts = self.meter.total, self.clock(), self.faults(), self.cuts
+            start_cpu = self.host_cpu.reading()
             if self._wait(self.policy.epoch_length(self.probe)):
                 return
+            if startup and self._wait(self.policy.warmup(self.association_open_s()) - (self.clock() - start_time)):
+                return  # the start-up lasts the warm-up, known by now (the first associations have opened)
             with self._decide:
                 with self._cond:
                     # Judged only when every allowed worker retrieved through the whole epoch and the
@@ -178,8 +186,9 @@ class RetrieveGate:
                     saturated = clean and not self._left_in_epoch and len(self._holders) >= self.probe.limit
                     instances, seconds = self._instances, self._seconds
                 throughput = (self.meter.total - start_bytes) / max(self.clock() - start_time, 1e-6)
+                cpu_busy = HostCpu.busy_share(start_cpu, self.host_cpu.reading())
                 try:
-                    self._epoch(throughput, seconds / instances if instances else None, saturated)
+                    self._epoch(throughput, seconds / instances if instances else None, saturated, cpu_busy)
                 except Exception:  # noqa: BLE001 - the count stays; retrieval goes on
                     log.exception("concurrency probe failed; the count stays at %d", self.probe.limit)
             changed = self.probe.limit != start_limit
@@ -189,7 +198,7 @@ class RetrieveGate:
         with self._cond:
             return self._cond.wait_for(lambda: self._finished, timeout=seconds)
 
-    def _epoch(self, throughput: float, latency: float | None, saturated: bool) -> None:
+    def _epoch(self, throughput: float, latency: float | None, saturated: bool, cpu_busy: float | None = None) -> None:
         """Judge one epoch and write the count it leaves; called holding ``_decide``."""
         self.epochs += 1
         if self.store is not None:
@@ -200,11 +209,12 @@ class RetrieveGate:
             self.store.renew_pacs_slots(self.pacs_key, sorted(self._holders), SLOT_LEASE_S)  # type: ignore[arg-type]
         before = self.probe.limit
         with self._cond:
-            self.probe = self.policy.after_epoch(self.probe, throughput, latency, saturated)
+            self.probe = self.policy.after_epoch(self.probe, throughput, latency, saturated, cpu_busy)
             self.peak = max(self.peak, self.probe.limit)
             self._cond.notify_all()
         if self.probe.limit != before:
-            log.info("concurrent retrieves %d -> %d (%.1f MB/s at %d)", before, self.probe.limit, throughput / 1e6, before)
+            cpu = f", CPU {cpu_busy:.0%} busy" if cpu_busy is not None else ""
+            log.info("concurrent retrieves %d -> %d (%.1f MB/s at %d%s)", before, self.probe.limit, throughput / 1e6, before, cpu)
         if self.probe.limit != before or self._written is None:
             self._write(self.probe.limit)
 
