@@ -150,3 +150,14 @@ def test_an_idle_cpu_lets_the_doubling_go_on() -> None:
     assert probe.limit == 8 and probe.slow_start
     probe = policy.after_epoch(probe, link(8), 0.03, saturated=True, cpu_busy=0.92)  # 8 paid, and filled the CPU
     assert probe.base_limit == 8 and probe.limit == 8 and not probe.slow_start  # kept, no doubling to 16, not halved
+
+
+def test_half_the_start_is_kept_unless_it_moves_clearly_less() -> None:
+    """Within the noise of an epoch (589 against 624 MB/s) the fewer associations are kept: less
+    load on the PACS and less CPU here; clearly less (under 90 %) goes back to the start."""
+    policy = ConcurrencyPolicy(ceiling=8, start=4)
+    at_start = policy.after_epoch(policy.first(None), 90e6, 0.03, saturated=True, cpu_busy=0.97)
+    halved = policy.after_epoch(at_start, 624e6, 0.01, saturated=True, cpu_busy=0.95)
+    assert halved.limit == 2
+    assert policy.after_epoch(halved, 589e6, 0.01, saturated=True, cpu_busy=0.93).limit == 2
+    assert policy.after_epoch(halved, 540e6, 0.01, saturated=True, cpu_busy=0.93).limit == 4

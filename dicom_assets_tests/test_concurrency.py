@@ -138,14 +138,15 @@ def test_slots_of_a_dead_process_on_this_host_are_freed_at_start(store: StateSto
 def test_a_refusal_as_the_count_doubles_is_not_undone_by_the_doubling(store: StateStore) -> None:
     """A doubling and a refusal at the same moment: whichever lands last, the state DB and the
     gate agree on the count (the doubling used to be written after the cut and undo it)."""
-    from dicom_assets.pacs.throughput import ByteMeter
+    from dicom_assets.pacs.throughput import ByteMeter, HostCpu
 
     policy = ConcurrencyPolicy(ceiling=16, start=1, slow_start_epoch_s=0.01, warmup_s=0.0, max_warmup_s=0.0)
     disagreed = []
     for attempt in range(8):
         key = f"pacs:104/RACE{attempt}"
         meter = ByteMeter()
-        gate = RetrieveGate(policy, adaptive=True, store=store, pacs_key=key, meter=meter)
+        # The CPU's share is not known here (no such file): this test's busy loop must not end the doubling.
+        gate = RetrieveGate(policy, adaptive=True, store=store, pacs_key=key, meter=meter, host_cpu=HostCpu("/nonexistent/stat"))
         stop = threading.Event()
 
         def worker(i: int, gate: RetrieveGate = gate) -> None:
