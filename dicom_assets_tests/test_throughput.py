@@ -19,6 +19,8 @@ def test_host_cpu_reads_the_busy_share_of_the_machine_between_two_readings(tmp_p
     before = cpu.reading()
     stat.write_text("cpu  160 0 70 810 50 0 5 5 0 0\n")  # 90 busy (steal counts) of 100
     assert HostCpu.busy_share(before, cpu.reading()) == pytest.approx(0.9)
+    stat.write_text("cpu  1 2 x 4 5 6 7 8\n")
+    assert cpu.reading() is None  # a field that is not a count: unknown, not an error in the monitor
     stat.write_text("intr 1 2 3\n")
     assert cpu.reading() is None and HostCpu.busy_share(before, None) is None  # not Linux's format: unknown
     assert HostCpu(str(tmp_path / "absent")).reading() is None

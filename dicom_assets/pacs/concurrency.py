@@ -43,6 +43,19 @@ class ConcurrencyReport:
     epochs: int
 
 
+@dataclass(frozen=True)
+class _EpochStart:
+    """What an epoch's judgement compares with: the count, bytes, clock, faults, cuts and CPU
+    ticks when it began."""
+
+    limit: int
+    bytes: int
+    time: float
+    faults: int
+    cuts: int
+    cpu: tuple[int, int] | None
+
+
 class RetrieveGate:
     """Lets worker ``i`` retrieve while ``i`` < the count in force and it holds a PACS slot."""
 
@@ -168,30 +181,36 @@ class RetrieveGate:
             startup = self.probe.in_startup
             if changed and not startup and self._wait(self.policy.warmup(self.association_open_s())):
                 return
-            with self._cond:
-                self._left_in_epoch = False
-                self._instances, self._seconds = 0, 0.0
-                start_limit = self.probe.limit
-            start_bytes, start_time, start_faults, start_cuts = self.meter.total, self.clock(), self.faults(), self.cuts
-            start_cpu = self.host_cpu.reading()
+            start = self._open_epoch()
             if self._wait(self.policy.epoch_length(self.probe)):
                 return
-            if startup and self._wait(self.policy.warmup(self.association_open_s()) - (self.clock() - start_time)):
+            if startup and self._wait(self.policy.warmup(self.association_open_s()) - (self.clock() - start.time)):
                 return  # the start-up lasts the warm-up, known by now (the first associations have opened)
-            with self._decide:
-                with self._cond:
-                    # Judged only when every allowed worker retrieved through the whole epoch and the
-                    # PACS answered cleanly (no reset, refusal or broken connection in it).
-                    clean = self.faults() == start_faults and self.cuts == start_cuts
-                    saturated = clean and not self._left_in_epoch and len(self._holders) >= self.probe.limit
-                    instances, seconds = self._instances, self._seconds
-                throughput = (self.meter.total - start_bytes) / max(self.clock() - start_time, 1e-6)
-                cpu_busy = HostCpu.busy_share(start_cpu, self.host_cpu.reading())
-                try:
-                    self._epoch(throughput, seconds / instances if instances else None, saturated, cpu_busy)
-                except Exception:  # noqa: BLE001 - the count stays; retrieval goes on
-                    log.exception("concurrency probe failed; the count stays at %d", self.probe.limit)
-            changed = self.probe.limit != start_limit
+            self._close_epoch(start)
+            changed = self.probe.limit != start.limit
+
+    def _open_epoch(self) -> "_EpochStart":
+        with self._cond:
+            self._left_in_epoch = False
+            self._instances, self._seconds = 0, 0.0
+            limit = self.probe.limit
+        return _EpochStart(limit, self.meter.total, self.clock(), self.faults(), self.cuts, self.host_cpu.reading())
+
+    def _close_epoch(self, start: "_EpochStart") -> None:
+        """Measure the epoch and judge it, as one decision (no refusal in between)."""
+        with self._decide:
+            with self._cond:
+                # Judged only when every allowed worker retrieved through the whole epoch and the
+                # PACS answered cleanly (no reset, refusal or broken connection in it).
+                clean = self.faults() == start.faults and self.cuts == start.cuts
+                saturated = clean and not self._left_in_epoch and len(self._holders) >= self.probe.limit
+                instances, seconds = self._instances, self._seconds
+            throughput = (self.meter.total - start.bytes) / max(self.clock() - start.time, 1e-6)
+            cpu_busy = HostCpu.busy_share(start.cpu, self.host_cpu.reading())
+            try:
+                self._epoch(throughput, seconds / instances if instances else None, saturated, cpu_busy)
+            except Exception:  # noqa: BLE001 - the count stays; retrieval goes on
+                log.exception("concurrency probe failed; the count stays at %d", self.probe.limit)
 
     def _wait(self, seconds: float) -> bool:
         """Sleep ``seconds`` unless the retrieval ends first (True: it ended)."""

@@ -33,8 +33,8 @@ class HostCpu:
 
     More associations only move more while something is idle: once every core is busy (our
     receiving and writing, on loopback the PACS too) they share the CPU and each goes slower;
-    loopback C-GET on 2 cores: 2 associations 463 MB/s, 4 387, 8 slower still with twice the
-    CPU seconds. Elsewhere than Linux nothing is known (None), and the count is probed as before.
+    loopback C-GET on 2 cores: 2 associations 463 MB/s, 4 387, 8 slower still with up to twice
+    the CPU seconds. Elsewhere than Linux nothing is known (None), and the count is probed as before.
     """
 
     def __init__(self, stat: str = "/proc/stat") -> None:
@@ -47,7 +47,7 @@ class HostCpu:
                 fields = f.readline().split()
         except OSError:
             return None
-        if not fields or fields[0] != "cpu":
+        if len(fields) < 6 or fields[0] != "cpu" or not all(v.isdigit() for v in fields[1:9]):
             return None
         ticks = [int(v) for v in fields[1:9]]  # user nice system idle iowait irq softirq steal
         idle = ticks[3] + ticks[4]  # steal is busy: another guest has the core
