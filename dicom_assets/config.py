@@ -60,10 +60,10 @@ class PacsSettings(_Section):
     adaptive_concurrency: bool = Field(
         True, description="probe the count of concurrent retrieves between 1 and max_concurrent_associations"
     )
-    # 4: on a LAN (and loopback here) 4 associations move more than 2 (make bench: 387 vs 302 MB/s),
-    # and over a WAN it reaches 8 in one doubling; a PACS that allows fewer refuses (A7xx, or a
-    # rejected association) and the count halves. Only the first run against a PACS starts here:
-    # later runs start from the count the state DB holds.
+    # 4: over a WAN it reaches 8 in one doubling; where 4 already fill this machine's CPUs
+    # (loopback, a fast LAN) half the start is tried at once, and a PACS that allows fewer
+    # refuses (A7xx, or a rejected association) and the count halves. Only the first run against
+    # a PACS starts here: later runs start from the count the state DB holds.
     start_concurrent_associations: int = Field(4, ge=1, description="where the first probe of a PACS starts")
     timeout_s: float = Field(30.0, gt=0)
     straggler_timeout_s: float = Field(5.0, gt=0, description="idle wait for late C-STOREs")

@@ -215,10 +215,7 @@ class SeriesRetriever:
         classes that fits an association (several only for series of more than three classes);
         the fallback proposal when the classes are unknown."""
         study, uid = series.study_instance_uid, series.series_instance_uid
-        if infos is None:
-            classes = set(known) if known else None
-        else:
-            classes = None if not infos or any(i.sop_class_uid is None for i in infos) else {i.sop_class_uid for i in infos}
+        classes = _named_classes(infos) if infos is not None else (set(known) if known else None)
         if classes is None:
             self.session.propose_for(None)
             return self.session.get(study, uid, sop_uids)
@@ -307,6 +304,13 @@ class SeriesRetriever:
 
 def _stored_syntaxes(infos: list[InstanceInfo] | None) -> dict[str, str | None]:
     return {i.sop_instance_uid: i.stored_transfer_syntax for i in infos or ()}
+
+
+def _named_classes(infos: list[InstanceInfo]) -> set[str] | None:
+    """The SOP classes an IMAGE-level answer named, or None when any instance lacked one."""
+    if not infos or any(i.sop_class_uid is None for i in infos):
+        return None
+    return {i.sop_class_uid for i in infos}  # type: ignore[misc]
 
 
 def _combined(finals: list[RetrieveStatus]) -> RetrieveStatus:
